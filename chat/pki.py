@@ -1,0 +1,601 @@
+"""Make and load the certificates of the mutual-TLS deployment (PROTOCOL.md §1).
+
+How this works: one local CA (ECDSA P-256) signs a server certificate and one client
+certificate per user. A client certificate's subject CN is the user's identity, and the
+SHA-256 of its DER is the `x5t#S256` thumbprint that access tokens are bound to (§3).
+Revocation is a CRL signed by the same CA and loaded into the server's SSL context with
+leaf CRL checking, so a revoked certificate fails the TLS handshake. Files are created
+once (O_EXCL) and private keys are born 0600; the only file ever replaced is the CRL,
+atomically. Every failure is a `PkiError` whose message names the file, so a CLI can print
+it as one line. Pure module: no trio.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import os
+import re
+import ssl
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    PrivateKeyTypes,
+    PublicKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# File names inside a certs directory.
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.crt"
+SERVER_KEY = "server.key"
+CRL = "crl.pem"
+
+CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # a safe file name and a plain JWT `sub`
+RESERVED_NAMES = {"ca": "CA", "server": "server"}  # NAME.crt/.key are already their files
+DNS_NAME_RE = re.compile(r"(\*\.)?[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*")  # RFC 1123 labels
+MAX_DNS_NAME = 253  # RFC 1035 §2.3.4: longest host name
+MAX_CN = 64  # RFC 5280 ub-common-name
+DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")  # the quick start connects over loopback
+CLOCK_SKEW = timedelta(minutes=5)  # backdate validity so a peer with a slow clock still accepts
+CRL_DAYS = 3650  # OpenSSL rejects every client once nextUpdate passes; each revoke re-signs anyway
+KEY_MODE = 0o600  # private keys: owner only
+PUBLIC_MODE = 0o644  # certificates and the CRL are public
+DIR_MODE = 0o700  # the certs directory holds private keys
+ENCRYPTED_PEM_MARKERS = (b"ENCRYPTED PRIVATE KEY", b"Proc-Type: 4,ENCRYPTED")  # PKCS#8, legacy
+
+SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey  # what a CA may sign with (SHA-256)
+
+
+class PkiError(Exception):
+    """A certificate or key problem, with a one-line message meant for a human."""
+
+
+class KeyPassphraseRequired(PkiError):
+    """The private key is encrypted and no passphrase was given."""
+
+    def __init__(self, path: Path, option: str = "--passphrase-env") -> None:
+        super().__init__(
+            f"{path} is an encrypted private key: pass its passphrase with {option} VAR"
+        )
+        self.path = path
+
+
+class WrongPassphrase(PkiError):
+    """The passphrase does not decrypt the private key."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"wrong passphrase for the encrypted private key {path}")
+        self.path = path
+
+
+# ---------------------------------------------------------------- making keys and certificates
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh ECDSA P-256 key: small, fast, and spoken by every TLS 1.2/1.3 peer."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_ca(
+    common_name: str = "Chat Dev CA", days: int = 3650
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA that may sign leaf certificates and CRLs, nothing deeper."""
+    key = generate_key()
+    name = _name(common_name)
+    start, end = _validity(days)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        _base_builder(name, name, key.public_key(), start, end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_server_cert(
+    ca_key: CertificateIssuerPrivateKeyTypes,
+    ca_cert: x509.Certificate,
+    sans: Sequence[str],
+    days: int = 825,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A serverAuth certificate for loopback plus `sans` (IP literals or DNS names)."""
+    names = list(dict.fromkeys(_general_name(n) for n in (*DEFAULT_SANS, *sans)))
+    common_name = sans[0] if sans else DEFAULT_SANS[0]
+    san = x509.SubjectAlternativeName(names)
+    return _make_leaf(ca_key, ca_cert, common_name, days, ExtendedKeyUsageOID.SERVER_AUTH, san)
+
+
+def make_client_cert(
+    ca_key: CertificateIssuerPrivateKeyTypes,
+    ca_cert: x509.Certificate,
+    name: str,
+    days: int = 365,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A clientAuth certificate whose subject CN `name` is the user's identity."""
+    _check_client_name(name)
+    return _make_leaf(ca_key, ca_cert, name, days, ExtendedKeyUsageOID.CLIENT_AUTH)
+
+
+def make_crl(
+    ca_key: CertificateIssuerPrivateKeyTypes,
+    ca_cert: x509.Certificate,
+    revoked: Sequence[x509.RevokedCertificate] = (),
+    number: int = 1,
+) -> x509.CertificateRevocationList:
+    """A CRL listing `revoked`, signed by the CA; `number` grows with each re-issue."""
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(now + timedelta(days=CRL_DAYS))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(_authority_key_id(ca_cert), critical=False)
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def _make_leaf(
+    ca_key: CertificateIssuerPrivateKeyTypes,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    days: int,
+    usage: x509.ObjectIdentifier,
+    san: x509.SubjectAlternativeName | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh key and its end-entity certificate, never outliving the CA."""
+    key = generate_key()
+    start, end = _validity(days, ca_cert.not_valid_after_utc)
+    builder = (
+        _base_builder(_name(common_name), ca_cert.subject, key.public_key(), start, end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(_authority_key_id(ca_cert), critical=False)
+    )
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _base_builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    start: datetime,
+    end: datetime,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    if not 1 <= len(common_name) <= MAX_CN:
+        raise PkiError(f"common name must be 1 to {MAX_CN} characters: {common_name!r}")
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _validity(days: int, limit: datetime | None = None) -> tuple[datetime, datetime]:
+    if days < 1:
+        raise PkiError(f"validity must be at least 1 day, not {days}")
+    now = datetime.now(UTC)
+    end = now + timedelta(days=days)
+    return now - CLOCK_SKEW, end if limit is None else min(end, limit)
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(_issuer_public_key(ca_cert))
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    """An IP literal becomes an IPAddress SAN, anything else must be a host name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if len(name) > MAX_DNS_NAME or not DNS_NAME_RE.fullmatch(name):
+        raise PkiError(f"not a host name or IP address: {name!r}")
+    return x509.DNSName(name.lower())
+
+
+def _check_client_name(name: str) -> None:
+    if not CLIENT_NAME_RE.fullmatch(name):
+        raise PkiError(f"client name must be 1-64 of A-Z a-z 0-9 _ . @ -: {name!r}")
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_private_key(path: Path, key: PrivateKeyTypes, passphrase: bytes | None = None) -> None:
+    """Write `key` as PKCS#8 PEM, born 0600, encrypted when a passphrase is given."""
+    if passphrase is None:
+        encryption: serialization.KeySerializationEncryption = serialization.NoEncryption()
+    elif not passphrase:
+        raise PkiError(f"refusing to encrypt {path} with an empty passphrase")
+    else:
+        encryption = serialization.BestAvailableEncryption(passphrase)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+    _write_new(Path(path), pem, KEY_MODE)
+
+
+def write_certificate(path: Path, cert: x509.Certificate) -> None:
+    """Write `cert` as PEM; an existing file is an error, never overwritten."""
+    _write_new(Path(path), cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+
+
+def write_crl(path: Path, crl: x509.CertificateRevocationList, *, replace: bool = False) -> None:
+    """Write `crl` as PEM: a new file, or with `replace` an atomic swap of the old one."""
+    pem = crl.public_bytes(serialization.Encoding.PEM)
+    if replace:
+        _replace(Path(path), pem, PUBLIC_MODE)
+    else:
+        _write_new(Path(path), pem, PUBLIC_MODE)
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """The first certificate in a PEM (or DER) file."""
+    data = _read(Path(path))
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise PkiError(f"{path} is not a certificate (PEM or DER)") from None
+
+
+def load_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKeyTypes:
+    """A PEM private key, with a distinct error for a missing and for a wrong passphrase."""
+    path = Path(path)
+    data = _read(path)
+    encrypted = any(marker in data for marker in ENCRYPTED_PEM_MARKERS)
+    if encrypted and passphrase is None:
+        raise KeyPassphraseRequired(path)
+    if not encrypted and passphrase is not None and b"PRIVATE KEY-----" in data:
+        raise PkiError(f"{path} is not encrypted, yet a passphrase was given")
+    try:
+        return serialization.load_pem_private_key(data, passphrase)
+    except ValueError:
+        if encrypted:
+            raise WrongPassphrase(path) from None
+        raise PkiError(f"{path} is not a PEM private key") from None
+    except (TypeError, UnsupportedAlgorithm):
+        raise PkiError(f"{path} is not a supported PEM private key") from None
+
+
+def load_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
+    """A PEM CRL, checked to be signed by `ca_cert` (else OpenSSL would reject every client)."""
+    data = _read(Path(path))
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError:
+        raise PkiError(f"{path} is not a PEM certificate revocation list") from None
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(_issuer_public_key(ca_cert)):
+        raise PkiError(f"{path} is not signed by the CA {identity_or_dn(ca_cert)}")
+    return crl
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise PkiError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise PkiError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` exclusively with `mode` from the start: no window with looser rights."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise PkiError(f"{path} already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise PkiError(f"cannot create {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise PkiError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    """Swap in new content atomically so a reader never sees a half-written file."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise PkiError(f"cannot write next to {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            os.fchmod(out.fileno(), mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise PkiError(f"cannot replace {path}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------- identity
+
+
+def identity_of(cert: x509.Certificate) -> str:
+    """The identity a certificate carries: its subject Common Name."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise PkiError(f"certificate subject {cert.subject.rfc4514_string()!r} has no single CN")
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode()
+
+
+def identity_or_dn(cert: x509.Certificate) -> str:
+    """The CN when there is one, else the whole subject: for messages."""
+    try:
+        return identity_of(cert)
+    except PkiError:
+        return cert.subject.rfc4514_string()
+
+
+def thumbprint(der: bytes) -> str:
+    """`x5t#S256` (RFC 8705 §3.1): base64url without padding of SHA-256 over the DER."""
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
+
+
+# ---------------------------------------------------------------- SSL contexts
+
+
+def server_ssl_context(
+    cert: Path,
+    key: Path,
+    ca: Path,
+    crl: Path | None = None,
+    passphrase: bytes | None = None,
+) -> ssl.SSLContext:
+    """TLS >= 1.2 server context that requires a client certificate chaining to `ca`.
+
+    With an existing `crl`, a revoked client certificate fails the handshake.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ca_cert = _trust(ctx, Path(ca))
+    _present(ctx, Path(cert), Path(key), passphrase)
+    if crl is not None and Path(crl).exists():
+        load_crl(Path(crl), ca_cert)
+        with _openssl_refusal(Path(crl)):
+            ctx.load_verify_locations(cafile=str(crl))
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ctx
+
+
+def client_ssl_context(
+    cert: Path, key: Path, ca: Path, passphrase: bytes | None = None
+) -> ssl.SSLContext:
+    """TLS >= 1.2 client context: checks the server against `ca` and its host name."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _trust(ctx, Path(ca))
+    _present(ctx, Path(cert), Path(key), passphrase)
+    return ctx
+
+
+def _trust(ctx: ssl.SSLContext, ca: Path) -> x509.Certificate:
+    ca_cert = load_certificate(ca)
+    with _openssl_refusal(ca):
+        ctx.load_verify_locations(cafile=str(ca))
+    return ca_cert
+
+
+def _present(ctx: ssl.SSLContext, cert: Path, key: Path, passphrase: bytes | None) -> None:
+    """Load our certificate and key, checking them first so errors name the file."""
+    certificate = load_certificate(cert)
+    private_key = load_private_key(key, passphrase)
+    if _public_der(private_key.public_key()) != _public_der(certificate.public_key()):
+        raise PkiError(f"{key} is not the private key of {cert}")
+    with _openssl_refusal(key):
+        ctx.load_cert_chain(str(cert), str(key), password=passphrase)
+
+
+@contextmanager
+def _openssl_refusal(path: Path) -> Iterator[None]:
+    """Turn OpenSSL's complaint about a file into a PkiError naming it."""
+    try:
+        yield
+    except ssl.SSLError as exc:
+        raise PkiError(f"OpenSSL refused {path}: {exc.reason or exc}") from None
+
+
+def _issuer_public_key(ca_cert: x509.Certificate) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    key = ca_cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise PkiError(f"CA {identity_or_dn(ca_cert)}: its key must be ECDSA or RSA")
+    return key
+
+
+def _public_der(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# ---------------------------------------------------------------- a certs directory
+
+
+@dataclass(frozen=True, slots=True)
+class DevPki:
+    """The file layout of a certs directory: CA, server pair, CRL and NAME.crt/NAME.key."""
+
+    directory: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    crl: Path
+
+    @classmethod
+    def at(cls, directory: Path) -> DevPki:
+        """The layout rooted at `directory` (nothing is read or created)."""
+        d = Path(directory)
+        return cls(d, d / CA_CERT, d / SERVER_CERT, d / SERVER_KEY, d / CRL)
+
+    @property
+    def ca_key(self) -> Path:
+        """The CA's private key; only needed to sign certificates and CRLs."""
+        return self.directory / CA_KEY
+
+    def client(self, name: str) -> tuple[Path, Path]:
+        """(`<dir>/NAME.crt`, `<dir>/NAME.key`) for a valid, non-reserved client name."""
+        _check_client_name(name)
+        if name in RESERVED_NAMES:
+            owner = RESERVED_NAMES[name]
+            raise PkiError(f"client name {name!r} is reserved: {name}.crt/.key are the {owner}'s")
+        return self.directory / f"{name}.crt", self.directory / f"{name}.key"
+
+
+def load_ca(pki: DevPki, passphrase: bytes | None = None) -> tuple[SigningKey, x509.Certificate]:
+    """The CA key and certificate of a certs directory, checked to belong together."""
+    cert = load_certificate(pki.ca)
+    key = load_private_key(pki.ca_key, passphrase)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise PkiError(f"{pki.ca_key}: a CA key must be ECDSA or RSA")
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
+        raise PkiError(f"{pki.ca_key} is not the private key of {pki.ca}")
+    return key, cert
+
+
+def revoke(directory: Path, name: str, passphrase: bytes | None = None) -> int:
+    """Add `<dir>/NAME.crt` to `<dir>/crl.pem`, re-signed by the CA; returns its serial."""
+    pki = DevPki.at(Path(directory))
+    crt, _ = pki.client(name)
+    cert = load_certificate(crt)
+    ca_key, ca_cert = load_ca(pki, passphrase)
+    _check_issued_by(cert, ca_cert, crt)
+    old = load_crl(pki.crl, ca_cert) if pki.crl.exists() else None
+    entries = list(old) if old is not None else []
+    if all(entry.serial_number != cert.serial_number for entry in entries):
+        entries.append(_revoked_entry(cert.serial_number))
+    crl = make_crl(ca_key, ca_cert, entries, _crl_number(old) + 1)
+    write_crl(pki.crl, crl, replace=True)
+    return cert.serial_number
+
+
+def _check_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate, path: Path) -> None:
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise PkiError(f"{path} was not issued by the CA {identity_or_dn(ca_cert)}") from None
+
+
+def _revoked_entry(serial: int) -> x509.RevokedCertificate:
+    return (
+        x509.RevokedCertificateBuilder()
+        .serial_number(serial)
+        .revocation_date(datetime.now(UTC))
+        .build()
+    )
+
+
+def _crl_number(crl: x509.CertificateRevocationList | None) -> int:
+    if crl is None:
+        return 0
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
+
+
+def ensure_dev_pki(
+    directory: Path, clients: Sequence[str] = ("alice", "bob")
+) -> tuple[DevPki, list[Path]]:
+    """Create whatever of CA, CRL, server pair and client pairs is missing; touch nothing else.
+
+    Returns the layout and the files created (empty when all were there). The CA key is
+    read only when something must be signed, so a complete directory may keep it encrypted.
+    """
+    pki = DevPki.at(Path(directory))
+    pairs = [(pki.server_cert, pki.server_key, None)]
+    pairs += [(*pki.client(name), name) for name in clients]
+    for crt, key, _ in [(pki.ca, pki.ca_key, None), *pairs]:
+        _check_pair(crt, key)
+    pending = [(crt, key, name) for crt, key, name in pairs if not crt.exists()]
+    if pki.ca.exists() and pki.crl.exists() and not pending:
+        return pki, []
+    created: list[Path] = []
+    ca_key, ca_cert = _ensure_ca(pki, created)
+    if not pki.crl.exists():
+        write_crl(pki.crl, make_crl(ca_key, ca_cert))
+        created.append(pki.crl)
+    for crt, key, name in pending:
+        issued = (
+            make_server_cert(ca_key, ca_cert, ())
+            if name is None
+            else make_client_cert(ca_key, ca_cert, name)
+        )
+        write_private_key(key, issued[0])
+        write_certificate(crt, issued[1])
+        created += [crt, key]
+    return pki, created
+
+
+def _ensure_ca(pki: DevPki, created: list[Path]) -> tuple[SigningKey, x509.Certificate]:
+    if pki.ca.exists():
+        return load_ca(pki)
+    try:
+        pki.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PkiError(f"cannot create directory {pki.directory}: {exc.strerror}") from None
+    key, cert = make_ca()
+    write_private_key(pki.ca_key, key)
+    write_certificate(pki.ca, cert)
+    created += [pki.ca, pki.ca_key]
+    return key, cert
+
+
+def _check_pair(crt: Path, key: Path) -> None:
+    """A certificate without its key (or the reverse) is a broken directory, not ours to fix."""
+    if crt.exists() != key.exists():
+        present, missing = (crt, key) if crt.exists() else (key, crt)
+        raise PkiError(f"{present} exists but {missing} is missing; restore it or remove both")
