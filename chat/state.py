@@ -1,0 +1,227 @@
+"""The server's durable security state (PROTOCOL.md §7): refresh tokens and revocations.
+
+How this works: one SQLite file in WAL mode, shared by the running server and operator commands
+(`chat-server revoke`) in other processes. Refresh tokens are opaque random strings stored only
+as SHA-256 hashes; each is bound to (sub, x5t), single-use, and belongs to a family started by
+`POST /auth/token`. Presenting a spent token is theft (RFC 9700 §4.14.2): the whole family is
+revoked. Revocations bump a counter, so a live server polls one integer per second and
+re-checks its sessions only when it moves. Writes run in `BEGIN IMMEDIATE` transactions, so two
+processes serialize instead of failing half-way. Pure module: no trio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from chat.errors import HttpRefusal
+from chat.tokens import (
+    Claims,
+    IdentityRevoked,
+    InvalidRefresh,
+    RefreshExpired,
+    RefreshReused,
+    TokenCertMismatch,
+)
+
+REFRESH_TOKEN_BYTES = 32  # 256 random bits: unguessable, so an unsalted SHA-256 suffices
+FAMILY_ID_BYTES = 16  # a family id is not a secret; it only has to be unique
+MAX_REFRESH_CHARS = 256  # ours are 43 characters; anything far longer is not one of ours
+BUSY_TIMEOUT_MS = 5000  # how long a write waits for the other process's transaction
+# A revoked jti row outlives its token's exp by this much: verifiers accept exp + clock leeway.
+JTI_RETENTION_MARGIN = 300.0
+STATE_FILE_MODE = 0o600  # refresh hashes and revocations: owner only
+STATE_DIR_MODE = 0o700
+VERSION_KEY = "revocation_version"
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS refresh_families (
+        family TEXT PRIMARY KEY,
+        sub TEXT NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS refresh_families_sub ON refresh_families (sub)",
+    """CREATE TABLE IF NOT EXISTS refresh_tokens (
+        hash TEXT PRIMARY KEY,
+        family TEXT NOT NULL REFERENCES refresh_families (family),
+        sub TEXT NOT NULL,
+        x5t TEXT NOT NULL,
+        expires REAL NOT NULL,
+        spent INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS refresh_tokens_family ON refresh_tokens (family)",
+    "CREATE TABLE IF NOT EXISTS revoked_subs (sub TEXT PRIMARY KEY, revoked_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS revoked_jtis (jti TEXT PRIMARY KEY, exp REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file owner-only; SQLite gives its -wal/-shm files the same mode."""
+    path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, STATE_FILE_MODE))
+
+
+class StateStore:
+    """Refresh tokens and revocations in one SQLite file, safe to share between processes."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    def open(cls, path: Path) -> StateStore:
+        """Open (or create) the state file in WAL mode with its schema."""
+        _create_private(path)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")  # a revocation must survive a power cut
+        store = cls(db)
+        with store._write():
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (VERSION_KEY,))
+        return store
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken up front so the other process waits, not fails."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ refresh tokens
+
+    def issue_refresh(self, sub: str, x5t: str, now: float, lifetime: float) -> str:
+        """A refresh token starting a new family, bound to (sub, x5t)."""
+        family = secrets.token_urlsafe(FAMILY_ID_BYTES)
+        with self._write() as db:
+            if self._sub_revoked(sub):
+                raise IdentityRevoked(f"identity '{sub}' is revoked on this server")
+            db.execute("INSERT INTO refresh_families (family, sub) VALUES (?, ?)", (family, sub))
+            return self._insert_refresh(family, sub, x5t, now + lifetime)
+
+    def rotate_refresh(self, token: str, sub: str, x5t: str, now: float, lifetime: float) -> str:
+        """Spend `token` and return its successor in the same family (PROTOCOL.md §7)."""
+        with self._write():
+            row = self._refresh_row(token)
+            refusal = self._refusal(row, sub, x5t, now)
+            if isinstance(refusal, RefreshReused):
+                self._revoke_family(row[0])  # committed: the refusal is raised after COMMIT
+            elif refusal is None:
+                self._db.execute("UPDATE refresh_tokens SET spent = 1 WHERE hash = ?",
+                                 (_digest(token),))
+                return self._insert_refresh(row[0], sub, x5t, now + lifetime)
+        raise refusal
+
+    def _refresh_row(self, token: str) -> tuple[str, str, str, float, int, int] | None:
+        """(family, sub, x5t, expires, spent, family revoked or sub blocked) of `token`."""
+        if not token or len(token) > MAX_REFRESH_CHARS or not token.isascii():
+            return None
+        return self._db.execute(
+            "SELECT t.family, t.sub, t.x5t, t.expires, t.spent,"
+            " f.revoked OR EXISTS (SELECT 1 FROM revoked_subs r WHERE r.sub = t.sub)"
+            " FROM refresh_tokens t JOIN refresh_families f ON f.family = t.family"
+            " WHERE t.hash = ?",
+            (_digest(token),),
+        ).fetchone()
+
+    @staticmethod
+    def _refusal(
+        row: tuple[str, str, str, float, int, int] | None, sub: str, x5t: str, now: float
+    ) -> HttpRefusal | None:
+        """Why a presented refresh token is refused, checked in this order, or None."""
+        if row is None:
+            return InvalidRefresh("unknown refresh token")
+        _family, bound_sub, bound_x5t, expires, spent, revoked = row
+        if revoked:
+            return InvalidRefresh("refresh token family has been revoked")
+        if (bound_sub, bound_x5t) != (sub, x5t):
+            return TokenCertMismatch("refresh token was issued to another certificate")
+        if spent:
+            return RefreshReused("refresh token was already used; its family is now revoked")
+        if expires <= now:
+            return RefreshExpired("refresh token has expired")
+        return None
+
+    def _insert_refresh(self, family: str, sub: str, x5t: str, expires: float) -> str:
+        token = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+        self._db.execute(
+            "INSERT INTO refresh_tokens (hash, family, sub, x5t, expires) VALUES (?, ?, ?, ?, ?)",
+            (_digest(token), family, sub, x5t, expires),
+        )
+        return token
+
+    def _revoke_family(self, family: str) -> None:
+        self._db.execute("UPDATE refresh_families SET revoked = 1 WHERE family = ?", (family,))
+
+    # ------------------------------------------------------------------ revocations
+
+    def revoke_sub(self, sub: str, now: float) -> None:
+        """Block an identity: its access tokens, its refresh families, the token endpoint."""
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO revoked_subs (sub, revoked_at) VALUES (?, ?)",
+                       (sub, now))
+            db.execute("UPDATE refresh_families SET revoked = 1 WHERE sub = ?", (sub,))
+            self._bump_version()
+
+    def unrevoke_sub(self, sub: str) -> bool:
+        """Lift an identity block (revoked refresh families stay revoked); False if none."""
+        with self._write() as db:
+            removed = db.execute("DELETE FROM revoked_subs WHERE sub = ?", (sub,)).rowcount > 0
+            if removed:
+                self._bump_version()
+        return removed
+
+    def revoke_jti(self, jti: str, exp: float) -> None:
+        """Revoke one access token; the row may go once the token could no longer verify."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO revoked_jtis (jti, exp) VALUES (?, ?)", (jti, exp))
+            self._bump_version()
+
+    def is_revoked(self, claims: Claims) -> bool:
+        """Whether this access token, or its whole identity, has been revoked."""
+        return self._sub_revoked(claims.sub) or self._db.execute(
+            "SELECT 1 FROM revoked_jtis WHERE jti = ?", (claims.jti,)
+        ).fetchone() is not None
+
+    def is_identity_revoked(self, sub: str) -> bool:
+        return self._sub_revoked(sub)
+
+    def revocation_version(self) -> int:
+        """A counter that moves on every revocation change; one indexed read, cheap to poll."""
+        (value,) = self._db.execute(
+            "SELECT value FROM counters WHERE name = ?", (VERSION_KEY,)
+        ).fetchone()
+        return value
+
+    def prune(self, now: float) -> None:
+        """Drop expired refresh tokens, emptied families and jti rows past any possible use."""
+        with self._write() as db:
+            db.execute("DELETE FROM refresh_tokens WHERE expires <= ?", (now,))
+            db.execute("DELETE FROM refresh_families WHERE family NOT IN"
+                       " (SELECT family FROM refresh_tokens)")
+            db.execute("DELETE FROM revoked_jtis WHERE exp + ? <= ?", (JTI_RETENTION_MARGIN, now))
+
+    def _sub_revoked(self, sub: str) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM revoked_subs WHERE sub = ?", (sub,)
+        ).fetchone() is not None
+
+    def _bump_version(self) -> None:
+        self._db.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (VERSION_KEY,))
