@@ -1,0 +1,295 @@
+"""The server: one TLS listener, HTTP routing with h11, WebSocket STOMP with wsproto.
+
+How this works: the accept loop and the connection handlers live in separate nurseries.
+Each handler does the TLS handshake and reads the request head under one timeout, then
+either answers a plain HTTP route or upgrades to a `Connection`. A failure in one handler
+ends only that connection. Shutdown stops accepting, asks every connection to close
+with 1001, and cancels what is left after the grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+from functools import partial
+
+import h11
+import trio
+from cryptography import x509
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection
+from wsproto.utilities import RemoteProtocolError as WsProtocolError
+
+from chat import pki
+from chat.errors import CloseCode, HttpRefusal
+from chat.server.broker import Broker
+from chat.server.config import ServerConfig
+from chat.server.connection import Connection, Ending, Outbox
+from chat.server.http_api import BadRequest, HttpApi, Peer, Request, Response, refusal_response
+from chat.server.session import SessionLimits, StompSession
+from chat.server.upgrade import BadHandshake, authorize, is_upgrade
+from chat.state import StateStore
+from chat.stomp import FrameParser, Limits
+from chat.tokens import KeyStore, TokenAuthority, TokenPolicy
+
+log = logging.getLogger("chat.server")
+
+MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a bearer token fits easily
+MAX_REQUEST_BODY = 16 * 1024  # token endpoints take tiny JSON bodies
+KEY_PRUNE_INTERVAL = 3600.0  # retired signing keys and spent refresh tokens are swept hourly
+
+
+class BodyTooLarge(HttpRefusal):
+    status = 413
+    code = "body_too_large"
+
+
+class TlsContexts:
+    """The SSL context, rebuilt when the CRL file changes (a revoked cert fails at once)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._crl_mtime: float | None = None
+        self._context = self._build()
+
+    def _build(self) -> ssl.SSLContext:
+        c = self._config
+        crl = c.crl_path()
+        self._crl_mtime = _mtime(crl)
+        return pki.server_ssl_context(
+            c.cert_path(),
+            c.key_path(),
+            c.ca_path(),
+            crl if self._crl_mtime is not None else None,
+            c.key_passphrase,
+        )
+
+    def current(self) -> ssl.SSLContext:
+        if _mtime(self._config.crl_path()) != self._crl_mtime:
+            self._context = self._build()
+        return self._context
+
+
+def _mtime(path: os.PathLike[str]) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+
+
+class ChatServer:
+    """Owns the listener, the shared state and every live connection."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.tls = TlsContexts(config)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = KeyStore.open(config.state_dir / "keys")
+        self.authority = TokenAuthority(
+            self.keys,
+            TokenPolicy(
+                issuer=config.issuer,
+                lifetime=config.token_lifetime,
+                leeway=config.clock_leeway,
+            ),
+        )
+        self.state = StateStore.open(config.state_dir / "state.db")
+        self.broker = Broker()
+        self.api = HttpApi(self.authority, self.keys, self.state, config.refresh_lifetime)
+        self.connections: set[Connection] = set()
+        self._stop = trio.Event()
+        self._limits = SessionLimits(config.max_subscriptions, config.heartbeat)
+        self._frame_limits = Limits(config.max_frame_bytes, config.max_headers)
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (SIGINT/SIGTERM): close everyone with 1001."""
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as background:
+                    listeners = await trio.open_tcp_listeners(
+                        self.config.port, host=self.config.host
+                    )
+                    port = listeners[0].socket.getsockname()[1]
+                    background.start_soon(
+                        partial(
+                            trio.serve_listeners, self._handle, listeners, handler_nursery=handlers
+                        )
+                    )
+                    background.start_soon(self._watch_revocations)
+                    background.start_soon(self._prune)
+                    log.info(
+                        "listening on https://%s:%d (STOMP at wss://%s:%d/ws)",
+                        self.config.host,
+                        port,
+                        self.config.host,
+                        port,
+                    )
+                    task_status.started(port)
+                    await self._stop.wait()
+                    background.cancel_scope.cancel()
+                await self._drain(handlers)
+        finally:
+            self.state.close()
+
+    async def _drain(self, handlers: trio.Nursery) -> None:
+        for connection in list(self.connections):
+            connection.end(Ending(CloseCode.GOING_AWAY, "server shutting down"))
+        with trio.move_on_after(self.config.shutdown_grace):
+            while self.connections:
+                await trio.sleep(0.01)
+        handlers.cancel_scope.cancel()
+
+    async def _watch_revocations(self) -> None:
+        """Revocations may come from another process (`chat-server revoke`): poll the store."""
+        version = self.state.revocation_version()
+        while True:
+            await trio.sleep(self.config.revocation_poll)
+            current = self.state.revocation_version()
+            if current == version:
+                continue
+            version = current
+            for connection in list(self.connections):
+                connection.check_authorization()
+
+    async def _prune(self) -> None:
+        while True:
+            now = time.time()
+            self.keys.prune(now, self.config.token_lifetime + self.config.clock_leeway)
+            self.state.prune(now)
+            await trio.sleep(KEY_PRUNE_INTERVAL)
+
+    async def _handle(self, raw: trio.SocketStream) -> None:
+        """The one boundary where a bug in handling one connection stops at that connection."""
+        try:
+            await self._serve_connection(raw)
+        except Exception:
+            log.exception("internal error on a connection; it was closed")
+            await trio.aclose_forcefully(raw)
+
+    async def _serve_connection(self, raw: trio.SocketStream) -> None:
+        stream = trio.SSLStream(raw, self.tls.current(), server_side=True, https_compatible=True)
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                await stream.do_handshake()
+                peer = _peer_of(stream)
+                http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+                request = await _read_request(stream, http)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            log.debug("handshake failed: %r", exc)
+            await trio.aclose_forcefully(stream)
+            return
+        except (h11.RemoteProtocolError, HttpRefusal) as exc:
+            await _respond(stream, http, refusal_response(_as_refusal(exc)))
+            return
+        if request.path == "/ws" and is_upgrade(request):
+            await self._upgrade(stream, http, request, peer)
+        else:
+            await _respond(stream, http, self.api.handle(request, peer))
+
+    async def _upgrade(
+        self, stream: trio.SSLStream, http: h11.Connection, request: Request, peer: Peer
+    ) -> None:
+        try:
+            upgrade = authorize(request, peer, self.authority, self.state.is_revoked, time.time())
+            ws = WSConnection(ConnectionType.SERVER)
+            ws.initiate_upgrade_connection(list(request.headers), request.path)
+            list(ws.events())
+        except WsProtocolError as exc:
+            await _respond(stream, http, refusal_response(BadHandshake(str(exc))))
+            return
+        except HttpRefusal as refusal:
+            log.info("refused upgrade from %s: %s", peer.identity, refusal.code)
+            await _respond(stream, http, refusal_response(refusal))
+            return
+        outbox = Outbox(self.config.outbound_buffer_bytes)
+        session = StompSession(
+            outbox,
+            self.broker,
+            upgrade.claims,
+            self._limits,
+            self.authority,
+            self.state.is_revoked,
+            time.time,
+        )
+        connection = Connection(
+            stream,
+            ws,
+            session,
+            outbox,
+            FrameParser(self._frame_limits),
+            self.config.connect_timeout,
+            self.config.close_timeout,
+        )
+        outbox.push(ws.send(AcceptConnection(subprotocol=upgrade.subprotocol)))
+        log.info("%s connected as %s (%s)", peer.identity, session.id, upgrade.subprotocol)
+        self.connections.add(connection)
+        try:
+            await connection.run(http.trailing_data[0])
+        finally:
+            self.connections.discard(connection)
+
+
+async def serve(
+    config: ServerConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a server until cancelled; `task_status.started(port)` once it listens."""
+    await ChatServer(config).run(task_status=task_status)
+
+
+def _peer_of(stream: trio.SSLStream) -> Peer:
+    der = stream.getpeercert(binary_form=True)
+    if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than assume
+        raise trio.BrokenResourceError("no client certificate")
+    return Peer(pki.identity_of(x509.load_der_x509_certificate(der)), pki.thumbprint(der))
+
+
+async def _read_request(stream: trio.SSLStream, http: h11.Connection) -> Request:
+    head: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = http.next_event()
+        if event is h11.NEED_DATA:
+            http.receive_data(await stream.receive_some(MAX_REQUEST_HEAD))
+        elif isinstance(event, h11.Request):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_REQUEST_BODY:
+                raise BodyTooLarge(f"request bodies are limited to {MAX_REQUEST_BODY} bytes")
+        elif isinstance(event, h11.EndOfMessage) and head is not None:
+            return _request_of(head, bytes(body))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise trio.BrokenResourceError("client closed before sending a request")
+
+
+def _request_of(head: h11.Request, body: bytes) -> Request:
+    path = head.target.decode("ascii", "replace").split("?", 1)[0]
+    headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
+    return Request(head.method.decode("ascii", "replace"), path, headers, body)
+
+
+def _as_refusal(exc: Exception) -> HttpRefusal:
+    if isinstance(exc, HttpRefusal):
+        return exc
+    return BadRequest(f"malformed HTTP request: {exc}")
+
+
+async def _respond(stream: trio.SSLStream, http: h11.Connection, response: Response) -> None:
+    headers = [
+        *response.headers,
+        ("Content-Length", str(len(response.body))),
+        ("Connection", "close"),
+    ]
+    try:
+        data = http.send(h11.Response(status_code=response.status, headers=headers))
+        data += http.send(h11.Data(data=response.body)) + http.send(h11.EndOfMessage())
+        with trio.move_on_after(5):
+            await stream.send_all(data)
+    except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    await trio.aclose_forcefully(stream)

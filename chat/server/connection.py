@@ -1,0 +1,278 @@
+"""One accepted WebSocket connection: the trio shell around a `StompSession`.
+
+How this works: the connection's nursery runs three tasks. The reader feeds wsproto and
+the STOMP parser and calls the session (which never awaits), so pings and closes are
+always answered. The writer drains the `Outbox`, coalescing whatever is pending into
+one `send_all`. The guard wakes on a timer (heart-beats, token expiry, connect
+deadline) or when the outbox overflows. Whatever ends the connection records an
+`Ending` and cancels the nursery; `run` then performs the close handshake once, under a
+timeout, so every wait on the peer is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+from wsproto import ConnectionState, WSConnection
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+from chat.errors import CloseCode, PolicyViolation, StompProtocolError
+from chat.server.session import StompSession
+from chat.stomp import HEARTBEAT, Frame, FrameParser, encode
+from chat.wsframes import data_frame
+
+log = logging.getLogger("chat.server")
+
+RECEIVE_BYTES = 64 * 1024  # one read from the TLS stream
+GUARD_TICK = 1.0  # the longest the guard sleeps: bounds token-expiry detection delay
+_HEARTBEAT_FRAME = data_frame(HEARTBEAT)
+
+
+class SlowConsumer(PolicyViolation):
+    """The peer does not read fast enough: its outbound buffer went over the limit."""
+
+
+class HeartbeatTimeout(PolicyViolation):
+    """Nothing from the peer for more than twice the agreed interval (PROTOCOL.md §5)."""
+
+
+class ConnectTimeout(PolicyViolation):
+    """No STOMP CONNECT within the configured time after the WebSocket opened."""
+
+
+class Outbox:
+    """A bounded (in bytes) outbound buffer; `push` never blocks, overflow is flagged."""
+
+    def __init__(self, limit: int) -> None:
+        self._buffer = bytearray()
+        self._limit = limit
+        self._ready = trio.Event()
+        self.overflowed = trio.Event()
+        self._closed = False
+
+    def push(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._buffer += data
+        if len(self._buffer) > self._limit:
+            self._buffer = bytearray()
+            self._closed = True
+            self.overflowed.set()
+        self._ready.set()
+
+    async def take(self) -> bytearray:
+        """Wait for pending bytes and take all of them; empty once closed and drained."""
+        if not self._buffer and not self._closed:
+            await self._ready.wait()
+        self._ready = trio.Event()
+        data, self._buffer = self._buffer, bytearray()
+        return data
+
+    def close(self) -> None:
+        """No more pushes: the writer flushes what is pending, then stops."""
+        self._closed = True
+        self._ready.set()
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """Why a connection ends and what the close handshake must send."""
+
+    code: int  # a CloseCode we send, or the code the peer closed with
+    reason: str = ""
+    error: StompProtocolError | None = None
+    receipt_id: str | None = None
+    peer_close: CloseConnection | None = None
+
+
+class Connection:
+    """Runs one STOMP-over-WebSocket connection until it ends, then closes it cleanly."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
+        session: StompSession,
+        outbox: Outbox,
+        parser: FrameParser,
+        connect_timeout: float,
+        close_timeout: float,
+    ) -> None:
+        self.session = session
+        self._stream = stream
+        self._ws = ws
+        self._outbox = outbox
+        self._parser = parser
+        self._connect_deadline = trio.current_time() + connect_timeout
+        self._close_timeout = close_timeout
+        self._last_received = trio.current_time()
+        self._last_sent = trio.current_time()
+        self._ending: Ending | None = None
+        self._connected = trio.Event()
+        self._scope: trio.CancelScope | None = None
+
+    def end(self, ending: Ending) -> None:
+        """Stop the connection for `ending`; the first reason wins."""
+        if self._ending is None:
+            self._ending = ending
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def fail(self, error: StompProtocolError, receipt_id: str | None = None) -> None:
+        self.end(Ending(error.close_code, error.message, error, receipt_id))
+
+    def check_authorization(self) -> None:
+        """End the connection if its token expired or was revoked (PROTOCOL.md §7)."""
+        try:
+            self.session.check_authorization()
+        except StompProtocolError as error:
+            self.fail(error)
+
+    async def run(self, initial: bytes) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                async with trio.open_nursery() as inputs:
+                    self._scope = inputs.cancel_scope
+                    if self._ending is not None:  # ended before it started (shutdown)
+                        inputs.cancel_scope.cancel()
+                    inputs.start_soon(self._reader, initial)
+                    inputs.start_soon(self._guard)
+                # Cancelling a send breaks a TLS stream: let the writer flush what is
+                # pending (a RECEIPT before close, say), but only for close_timeout.
+                self._outbox.close()
+                nursery.cancel_scope.deadline = trio.current_time() + self._close_timeout
+        finally:
+            self.session.close()
+        await self._close(self._ending or Ending(CloseCode.SERVER_ERROR, "connection lost"))
+
+    async def _reader(self, initial: bytes) -> None:
+        data = initial
+        while True:
+            if data:
+                self._last_received = trio.current_time()
+                self._ws.receive_data(data)
+                if self._handle_events():
+                    return
+            try:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self.end(Ending(CloseCode.PROTOCOL_ERROR, "peer vanished"))
+                return
+
+    def _handle_events(self) -> bool:
+        for event in self._ws.events():
+            if isinstance(event, TextMessage):
+                done = self._feed(event.data.encode("utf-8"))
+            elif isinstance(event, BytesMessage):
+                done = self._feed(bytes(event.data))
+            elif isinstance(event, Ping):
+                self._outbox.push(self._ws.send(event.response()))
+                done = False
+            elif isinstance(event, CloseConnection):
+                self.end(Ending(event.code, "peer closed", peer_close=event))
+                done = True
+            else:
+                done = False
+            if done:
+                return True
+        return False
+
+    def _feed(self, data: bytes) -> bool:
+        frame: Frame | None = None
+        try:
+            for frame in self._parser.feed(data):
+                if self.session.handle(frame):
+                    self.end(Ending(CloseCode.NORMAL, "client disconnected"))
+                    return True
+                if self.session.connected:
+                    self._connected.set()
+        except StompProtocolError as error:
+            self.fail(error, frame.get("receipt") if frame is not None else None)
+            return True
+        return False
+
+    async def _writer(self) -> None:
+        while data := await self._outbox.take():
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.end(Ending(CloseCode.PROTOCOL_ERROR, "peer vanished"))
+                return
+            self._last_sent = trio.current_time()
+
+    async def _guard(self) -> None:
+        with trio.move_on_at(self._connect_deadline):
+            await self._connected.wait()
+        if not self._connected.is_set():
+            self.fail(ConnectTimeout("connect timeout", "no CONNECT frame in time"))
+            return
+        while True:
+            with trio.move_on_after(self._tick()):
+                await self._outbox.overflowed.wait()
+                self.fail(SlowConsumer("slow consumer", "outbound buffer limit exceeded"))
+                return
+            try:
+                self._check(trio.current_time())
+            except StompProtocolError as error:
+                self.fail(error)
+                return
+
+    def _tick(self) -> float:
+        send_ms, expect_ms = self.session.heartbeat
+        intervals = [ms / 2000 for ms in (send_ms, expect_ms) if ms]
+        return min([GUARD_TICK, *intervals])
+
+    def _check(self, now: float) -> None:
+        send_ms, expect_ms = self.session.heartbeat
+        if expect_ms and now - self._last_received > 2 * expect_ms / 1000:
+            raise HeartbeatTimeout("heart-beat timeout", f"nothing received for {2 * expect_ms} ms")
+        if send_ms and now - self._last_sent >= send_ms / 1000:
+            self._outbox.push(_HEARTBEAT_FRAME)
+        self.session.check_authorization()
+
+    async def _close(self, ending: Ending) -> None:
+        """Flush what is pending, send ERROR and the close frame, await the peer's close."""
+        data = bytearray()
+        if ending.error is not None:
+            data += data_frame(encode(_error_frame(ending)))
+        if self._ws.state is ConnectionState.OPEN:
+            data += self._ws.send(CloseConnection(ending.code, ending.reason))
+        elif ending.peer_close is not None and self._ws.state is ConnectionState.REMOTE_CLOSING:
+            data += self._ws.send(ending.peer_close.response())
+        with trio.move_on_after(self._close_timeout):
+            try:
+                await self._stream.send_all(data)
+                if self._ws.state is ConnectionState.LOCAL_CLOSING:
+                    await self._await_peer_close()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(self._stream)
+        log.info(
+            "closed %s (%s): %d %s",
+            self.session.id,
+            self.session.identity,
+            ending.code,
+            ending.reason,
+        )
+
+    async def _await_peer_close(self) -> None:
+        while self._ws.state is not ConnectionState.CLOSED:
+            data = await self._stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                return
+            self._ws.receive_data(data)
+            for _ in self._ws.events():
+                pass
+
+
+def _error_frame(ending: Ending) -> Frame:
+    assert ending.error is not None
+    headers = [("message", ending.error.message), ("content-type", "text/plain")]
+    if ending.receipt_id is not None:
+        headers.append(("receipt-id", ending.receipt_id))
+    return Frame("ERROR", tuple(headers), ending.error.detail.encode())

@@ -1,0 +1,176 @@
+"""Plain HTTP routes on the TLS listener (PROTOCOL.md §1), as pure request → response code.
+
+The listener parses requests with h11 and hands them here with the peer's certificate
+identity; nothing in this module does I/O, so every route is tested with plain values.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chat.errors import HttpRefusal
+from chat.state import StateStore
+from chat.tokens import IdentityRevoked, KeyStore, TokenAuthority
+
+WS_PATH = "/ws"
+UPGRADE_HINT = (
+    b"This is a STOMP over WebSocket endpoint. Connect with wss:// and an Upgrade: websocket\n"
+    b"request, offering the subprotocol v12.stomp and a bearer.<token> entry in\n"
+    b"Sec-WebSocket-Protocol (get the token with POST /auth/token).\n"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of the TLS connection, from its client certificate."""
+
+    identity: str
+    x5t: str
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """All values of `name` joined by ", " (RFC 9110 §5.3), or None."""
+        values = [value for key, value in self.headers if key == name]
+        return ", ".join(values) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+class BadRequest(HttpRefusal):
+    status = 400
+    code = "invalid_request"
+
+
+class NotFound(HttpRefusal):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(HttpRefusal):
+    status = 405
+    code = "method_not_allowed"
+
+
+def json_response(
+    status: int, payload: object, headers: tuple[tuple[str, str], ...] = ()
+) -> Response:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Response(status, (("Content-Type", "application/json"), *headers), body)
+
+
+def refusal_response(error: HttpRefusal) -> Response:
+    """The one shape of every refusal: status, JSON `{"error", "detail"}`, its own headers."""
+    return json_response(
+        error.status, {"error": error.code, "detail": error.detail}, tuple(error.headers())
+    )
+
+
+def text_response(status: int, body: bytes, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(status, (("Content-Type", "text/plain; charset=utf-8"), *headers), body)
+
+
+Handler = Callable[[Request, Peer], Response]
+
+
+class HttpApi:
+    """Routes plain requests: token issue and refresh, JWKS, health, the 426 hint and 404."""
+
+    def __init__(
+        self,
+        authority: TokenAuthority,
+        keys: KeyStore,
+        state: StateStore,
+        refresh_lifetime: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._authority = authority
+        self._keys = keys
+        self._state = state
+        self._refresh_lifetime = refresh_lifetime
+        self._clock = clock
+        self._routes: dict[str, dict[str, Handler]] = {
+            WS_PATH: {"GET": self._upgrade_required},
+            "/auth/token": {"POST": self._token},
+            "/auth/refresh": {"POST": self._refresh},
+            "/.well-known/jwks.json": {"GET": self._jwks},
+            "/healthz": {"GET": self._health},
+        }
+
+    def handle(self, request: Request, peer: Peer) -> Response:
+        try:
+            return self._route(request)(request, peer)
+        except HttpRefusal as error:
+            return refusal_response(error)
+
+    def _route(self, request: Request) -> Handler:
+        methods = self._routes.get(request.path)
+        if methods is None:
+            raise NotFound(f"no route for {request.path}")
+        handler = methods.get(request.method)
+        if handler is None:
+            allowed = ", ".join(sorted(methods))
+            raise MethodNotAllowed(f"{request.path} accepts {allowed}, not {request.method}")
+        return handler
+
+    def _upgrade_required(self, request: Request, peer: Peer) -> Response:
+        return text_response(
+            426, UPGRADE_HINT, (("Upgrade", "websocket"), ("Connection", "Upgrade"))
+        )
+
+    def _health(self, request: Request, peer: Peer) -> Response:
+        return text_response(200, b"ok")
+
+    def _jwks(self, request: Request, peer: Peer) -> Response:
+        return json_response(200, self._keys.jwks(), (("Cache-Control", "max-age=60"),))
+
+    def _token(self, request: Request, peer: Peer) -> Response:
+        now = self._clock()
+        if self._state.is_identity_revoked(peer.identity):
+            raise IdentityRevoked(f"identity '{peer.identity}' is revoked on this server")
+        refresh = self._state.issue_refresh(peer.identity, peer.x5t, now, self._refresh_lifetime)
+        return self._grant(peer, refresh, now)
+
+    def _refresh(self, request: Request, peer: Peer) -> Response:
+        now = self._clock()
+        presented = _refresh_token_of(request)
+        refresh = self._state.rotate_refresh(
+            presented, peer.identity, peer.x5t, now, self._refresh_lifetime
+        )
+        return self._grant(peer, refresh, now)
+
+    def _grant(self, peer: Peer, refresh: str, now: float) -> Response:
+        access, claims = self._authority.issue(peer.identity, peer.x5t, now)
+        grant = {
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": claims.exp - int(now),
+            "refresh_token": refresh,
+        }
+        # RFC 6749 §5.1: token responses must not be cached.
+        return json_response(200, grant, (("Cache-Control", "no-store"), ("Pragma", "no-cache")))
+
+
+def _refresh_token_of(request: Request) -> str:
+    try:
+        payload = json.loads(request.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest('body must be JSON: {"refresh_token": "..."}') from exc
+    token = payload.get("refresh_token") if isinstance(payload, dict) else None
+    if not isinstance(token, str) or not token:
+        raise BadRequest("body must be JSON with a string field refresh_token")
+    return token

@@ -1,0 +1,229 @@
+"""One STOMP 1.2 session, as plain code: frames in, bytes pushed to an outbox, broker calls.
+
+It never awaits, so a connection's reader can never be blocked by application work
+(pings and closes are always answered). The connection layer (`connection.py`) owns
+the I/O and turns the `StompProtocolError`s raised here into `ERROR` + close.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chat.errors import HttpRefusal, MalformedFrame, PolicyViolation
+from chat.server.broker import SERVER_HEADERS, Broker, Outbox, Published, Subscription
+from chat.stomp import Frame, encode, negotiate_heartbeat, parse_heartbeat
+from chat.tokens import Claims, TokenAuthority, check_binding
+from chat.topics import parse_destination
+from chat.wsframes import data_frame
+
+SERVER_NAME = "chat/0.1"
+SUPPORTED_VERSIONS = ("1.2", "1.1", "1.0")  # best first
+TOKEN_DESTINATION = "/session/token"  # in-band renewal (PROTOCOL.md §7)
+_session_ids = itertools.count(1)
+
+
+class NotConnected(PolicyViolation):
+    """STOMP 1.2 "Connecting": the first frame must be CONNECT or STOMP."""
+
+
+class Unsupported(PolicyViolation):
+    """Valid STOMP this server deliberately does not do (transactions, client acks)."""
+
+
+class AuthorizationLost(PolicyViolation):
+    """The connection's token expired, was revoked, or a renewal was refused (PROTOCOL.md §7)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    max_subscriptions: int
+    heartbeat: tuple[int, int]
+
+
+@functools.lru_cache(maxsize=4096)
+def _send_topic(destination: str) -> tuple[str, ...]:
+    # Publishers reuse a handful of destinations: validate each once.
+    return parse_destination(destination, wildcards=False)
+
+
+def _content_type(frame: Frame) -> str:
+    declared = frame.get("content-type")
+    if declared:
+        return declared
+    try:
+        frame.body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+    return "text/plain;charset=utf-8"
+
+
+class StompSession:
+    """The state of one authenticated STOMP connection."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        broker: Broker,
+        claims: Claims,
+        limits: SessionLimits,
+        authority: TokenAuthority,
+        is_revoked: Callable[[Claims], bool],
+        clock: Callable[[], float],
+    ) -> None:
+        self.outbox = outbox
+        self.claims = claims
+        self.id = f"s{next(_session_ids)}"
+        self.connected = False
+        self.heartbeat = (0, 0)  # negotiated (send ms, expect ms)
+        self._broker = broker
+        self._limits = limits
+        self._authority = authority
+        self._is_revoked = is_revoked
+        self._clock = clock
+        self._subscriptions: dict[str, tuple[tuple[str, ...], Subscription]] = {}
+        self._handlers: dict[str, Callable[[Frame], bool]] = {
+            "CONNECT": self._connect,
+            "STOMP": self._connect,
+            "SEND": self._send,
+            "SUBSCRIBE": self._subscribe,
+            "UNSUBSCRIBE": self._unsubscribe,
+            "DISCONNECT": self._disconnect,
+            "ACK": self._client_ack,
+            "NACK": self._client_ack,
+            "BEGIN": self._transaction,
+            "COMMIT": self._transaction,
+            "ABORT": self._transaction,
+        }
+
+    @property
+    def identity(self) -> str:
+        return self.claims.sub
+
+    def handle(self, frame: Frame) -> bool:
+        """Act on one frame; True when the client asked to disconnect."""
+        if not self.connected and frame.command not in ("CONNECT", "STOMP"):
+            raise NotConnected("not connected", f"expected CONNECT, got {frame.command}")
+        done = self._handlers[frame.command](frame)
+        receipt = frame.get("receipt")
+        if receipt is not None:
+            self.push(Frame("RECEIPT", (("receipt-id", receipt),)))
+        return done
+
+    def push(self, frame: Frame) -> None:
+        self.outbox.push(data_frame(encode(frame)))
+
+    def close(self) -> None:
+        """Drop every subscription; the connection is going away."""
+        for pattern, subscription in self._subscriptions.values():
+            self._broker.unsubscribe(pattern, subscription)
+        self._subscriptions.clear()
+
+    def check_authorization(self) -> None:
+        """Raise AuthorizationLost once the token has expired or been revoked."""
+        if self._clock() >= self.claims.exp:
+            raise AuthorizationLost("token expired", "the access token expired; renew it")
+        if self._is_revoked(self.claims):
+            raise AuthorizationLost("token revoked", "the access token or identity was revoked")
+
+    def _connect(self, frame: Frame) -> bool:
+        if self.connected:
+            raise MalformedFrame("already connected", "CONNECT may only be sent once")
+        version = _negotiate_version(frame.get("accept-version"))
+        self.heartbeat = negotiate_heartbeat(
+            self._limits.heartbeat, parse_heartbeat(frame.get("heart-beat"))
+        )
+        self.connected = True
+        offer = self._limits.heartbeat
+        self.push(
+            Frame(
+                "CONNECTED",
+                (
+                    ("version", version),
+                    ("heart-beat", f"{offer[0]},{offer[1]}"),
+                    ("session", self.id),
+                    ("server", SERVER_NAME),
+                    ("user-name", self.identity),
+                ),
+            )
+        )
+        return False
+
+    def _send(self, frame: Frame) -> bool:
+        destination = frame.require("destination")
+        if destination == TOKEN_DESTINATION:
+            self._renew(frame.body)
+            return False
+        extra = tuple((name, value) for name, value in frame.headers if name not in SERVER_HEADERS)
+        self._broker.publish(
+            Published(
+                destination,
+                _send_topic(destination),
+                self.identity,
+                _content_type(frame),
+                frame.body,
+                extra,
+            )
+        )
+        return False
+
+    def _renew(self, body: bytes) -> None:
+        try:
+            claims = self._authority.verify(body.decode("ascii").strip(), self._clock())
+            check_binding(claims, self.claims.sub, self.claims.x5t)
+        except UnicodeDecodeError as exc:
+            raise AuthorizationLost("token renewal refused", "the body is not a token") from exc
+        except HttpRefusal as exc:
+            raise AuthorizationLost("token renewal refused", f"{exc.code}: {exc.detail}") from exc
+        if self._is_revoked(claims):
+            raise AuthorizationLost("token renewal refused", "token_revoked: the token is revoked")
+        self.claims = claims
+
+    def _subscribe(self, frame: Frame) -> bool:
+        destination = frame.require("destination")
+        sub_id = frame.require("id")
+        if sub_id in self._subscriptions:
+            raise PolicyViolation("duplicate subscription id", f"id '{sub_id}' is already in use")
+        if len(self._subscriptions) >= self._limits.max_subscriptions:
+            raise PolicyViolation(
+                "too many subscriptions",
+                f"at most {self._limits.max_subscriptions} subscriptions per connection",
+            )
+        ack = frame.get("ack", "auto")
+        if ack != "auto":
+            raise Unsupported("unsupported ack mode", f"only ack:auto is supported, not {ack}")
+        pattern = parse_destination(destination, wildcards=True)
+        subscription = Subscription(self.outbox, sub_id)
+        self._subscriptions[sub_id] = (pattern, subscription)
+        self._broker.subscribe(pattern, subscription)
+        return False
+
+    def _unsubscribe(self, frame: Frame) -> bool:
+        sub_id = frame.require("id")
+        entry = self._subscriptions.pop(sub_id, None)
+        if entry is None:
+            raise PolicyViolation("unknown subscription", f"no subscription with id '{sub_id}'")
+        self._broker.unsubscribe(*entry)
+        return False
+
+    def _disconnect(self, frame: Frame) -> bool:
+        return True
+
+    def _client_ack(self, frame: Frame) -> bool:
+        raise Unsupported(f"{frame.command} not supported", "subscriptions are ack:auto only")
+
+    def _transaction(self, frame: Frame) -> bool:
+        raise Unsupported(f"{frame.command} not supported", "transactions are not supported")
+
+
+def _negotiate_version(accept_version: str | None) -> str:
+    offered = {v.strip() for v in (accept_version or "1.0").split(",")}
+    for version in SUPPORTED_VERSIONS:
+        if version in offered:
+            return version
+    raise PolicyViolation(
+        "unsupported STOMP version",
+        f"supported versions are {','.join(SUPPORTED_VERSIONS)}; offered {accept_version}",
+    )

@@ -1,0 +1,85 @@
+"""Deciding a WebSocket upgrade (PROTOCOL.md §2) as pure code: headers and certificate in.
+
+The token travels as a `bearer.<JWT>` entry of `Sec-WebSocket-Protocol` because the
+browser WebSocket API cannot set `Authorization`. It is never echoed: the answer names
+only the chosen STOMP version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chat.errors import HttpRefusal
+from chat.server.http_api import Peer, Request
+from chat.tokens import (
+    Claims,
+    InvalidToken,
+    MissingToken,
+    TokenAuthority,
+    TokenRevoked,
+    check_binding,
+)
+
+STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")  # best first
+BEARER_PREFIX = "bearer."
+
+
+class UnsupportedSubprotocol(HttpRefusal):
+    status = 400
+    code = "unsupported_subprotocol"
+
+
+class BadHandshake(HttpRefusal):
+    """The request is not a valid RFC 6455 opening handshake."""
+
+    status = 400
+    code = "bad_handshake"
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """An authorized upgrade: the subprotocol to answer with and the token's claims."""
+
+    subprotocol: str
+    claims: Claims
+
+
+def is_upgrade(request: Request) -> bool:
+    upgrade = request.header("upgrade") or ""
+    return request.method == "GET" and "websocket" in upgrade.lower()
+
+
+def offered_subprotocols(request: Request) -> list[str]:
+    value = request.header("sec-websocket-protocol") or ""
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
+def authorize(
+    request: Request,
+    peer: Peer,
+    authority: TokenAuthority,
+    is_revoked: Callable[[Claims], bool],
+    now: float,
+) -> Upgrade:
+    """Check token, binding, revocation and subprotocol, in the order of the refusal table."""
+    offered = offered_subprotocols(request)
+    claims = authority.verify(_bearer_token(offered), now)
+    check_binding(claims, peer.identity, peer.x5t)
+    if is_revoked(claims):
+        raise TokenRevoked("this token has been revoked")
+    for version in STOMP_SUBPROTOCOLS:
+        if version in offered:
+            return Upgrade(version, claims)
+    raise UnsupportedSubprotocol(
+        f"offer one of {', '.join(STOMP_SUBPROTOCOLS)} in Sec-WebSocket-Protocol"
+    )
+
+
+def _bearer_token(offered: list[str]) -> str:
+    tokens = [entry[len(BEARER_PREFIX) :] for entry in offered if entry.startswith(BEARER_PREFIX)]
+    if not tokens:
+        raise MissingToken("offer the access token as a 'bearer.<token>' subprotocol entry")
+    if len(tokens) > 1:
+        raise InvalidToken("more than one bearer entry offered")
+    return tokens[0]
