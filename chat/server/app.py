@@ -38,7 +38,7 @@ log = logging.getLogger("chat.server")
 
 MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a bearer token fits easily
 MAX_REQUEST_BODY = 16 * 1024  # token endpoints take tiny JSON bodies
-KEY_PRUNE_INTERVAL = 3600.0  # retired signing keys and spent refresh tokens are swept hourly
+PRUNE_INTERVAL = 60.0  # how often retired signing keys and dead refresh tokens are swept
 
 
 class BodyTooLarge(HttpRefusal):
@@ -86,7 +86,8 @@ class ChatServer:
         self.config = config
         self.tls = TlsContexts(config)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.keys = KeyStore.open(config.state_dir / "keys")
+        self.keys_dir = config.state_dir / "keys"
+        self.keys = KeyStore.open(self.keys_dir)
         self.authority = TokenAuthority(
             self.keys,
             TokenPolicy(
@@ -107,20 +108,27 @@ class ChatServer:
         """Begin a graceful shutdown (SIGINT/SIGTERM): close everyone with 1001."""
         self._stop.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def listen(self) -> list[trio.SocketListener]:
+        """Bind the port; separate from `run` so a bind error surfaces before any task starts."""
+        return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+
+    async def run(
+        self,
+        listeners: list[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         try:
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as background:
-                    listeners = await trio.open_tcp_listeners(
-                        self.config.port, host=self.config.host
-                    )
+                    listeners = listeners or await self.listen()
                     port = listeners[0].socket.getsockname()[1]
                     background.start_soon(
                         partial(
                             trio.serve_listeners, self._handle, listeners, handler_nursery=handlers
                         )
                     )
-                    background.start_soon(self._watch_revocations)
+                    background.start_soon(self._watch_state)
                     background.start_soon(self._prune)
                     log.info(
                         "listening on https://%s:%d (STOMP at wss://%s:%d/ws)",
@@ -144,11 +152,15 @@ class ChatServer:
                 await trio.sleep(0.01)
         handlers.cancel_scope.cancel()
 
-    async def _watch_revocations(self) -> None:
-        """Revocations may come from another process (`chat-server revoke`): poll the store."""
+    async def _watch_state(self) -> None:
+        """Operator commands (`revoke`, `keys rotate`) run in another process: poll their effects."""
         version = self.state.revocation_version()
+        keys_mtime = _mtime(self.keys_dir)
         while True:
             await trio.sleep(self.config.revocation_poll)
+            if (mtime := _mtime(self.keys_dir)) != keys_mtime:
+                keys_mtime = mtime
+                self.keys.reload()
             current = self.state.revocation_version()
             if current == version:
                 continue
@@ -161,7 +173,7 @@ class ChatServer:
             now = time.time()
             self.keys.prune(now, self.config.token_lifetime + self.config.clock_leeway)
             self.state.prune(now)
-            await trio.sleep(KEY_PRUNE_INTERVAL)
+            await trio.sleep(PRUNE_INTERVAL)
 
     async def _handle(self, raw: trio.SocketStream) -> None:
         """The one boundary where a bug in handling one connection stops at that connection."""

@@ -17,7 +17,7 @@ from chat import pki
 from chat.server.app import ChatServer
 from chat.server.config import DEFAULT_PORT, ServerConfig
 from chat.state import StateStore
-from chat.tokens import KeyStore
+from chat.tokens import KeyStore, TokenConfigError
 
 PROG = "chat-server"
 DEV_CLIENTS = ("alice", "bob")
@@ -195,8 +195,13 @@ def _ensure_dev_certs(args: argparse.Namespace) -> None:
 
 async def _serve(config: ServerConfig) -> None:
     server = ChatServer(config)
+    try:
+        listeners = await server.listen()
+    except OSError as exc:
+        where = f"{config.host}:{config.port}"
+        raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(server.run)
+        port = await nursery.start(server.run, listeners)
         _print_hint(config, port)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
@@ -227,12 +232,7 @@ def _run_server(argv: Sequence[str]) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _ensure_dev_certs(args)
-    try:
-        trio.run(_serve, _config(args))
-    except OSError as exc:
-        raise UsageError(
-            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
-        ) from exc
+    trio.run(_serve, _config(args))
     return 0
 
 
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS.get(argv[0]) if argv else None
     try:
         return command(argv[1:]) if command else _run_server(argv)
-    except (UsageError, pki.PkiError) as exc:
+    except (UsageError, pki.PkiError, TokenConfigError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

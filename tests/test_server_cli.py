@@ -1,0 +1,185 @@
+"""`chat-server` as a user runs it: a real subprocess, dev certificates, signals, error lines."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from chat import pki as pki_module
+from chat.server.app import ChatServer
+from chat.server.config import ServerConfig
+from tests.conftest import RunningServer, StompPeer, TestPki, http_request, raw_ws
+
+SERVER = [sys.executable, "-m", "chat.server.cli"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SERVER, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+async def start(tmp_path: Path, *args: str) -> tuple[trio.Process, int, str]:
+    process = await trio.lowlevel.open_process(
+        [
+            *SERVER,
+            "--port",
+            "0",
+            "--certs-dir",
+            str(tmp_path / "certs"),
+            "--state-dir",
+            str(tmp_path / "state"),
+            *args,
+        ],
+        stderr=subprocess.PIPE,
+    )
+    output = ""
+    with trio.fail_after(30):
+        while not (match := re.search(r"ready on https://127\.0\.0\.1:(\d+)", output)):
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, output
+            output += chunk.decode()
+        while "chat-client" not in output:
+            output += (await process.stderr.receive_some(4096)).decode()
+    return process, int(match.group(1)), output
+
+
+async def test_first_start_creates_dev_certs_and_prints_how_to_connect(tmp_path: Path) -> None:
+    process, port, output = await start(tmp_path)
+    try:
+        assert "created development certificates" in output
+        assert f"chat-client --cert {tmp_path / 'certs' / 'alice.crt'}" in output
+        assert f"--url wss://127.0.0.1:{port}/ws" in output
+        certs = pki_module.DevPki.at(tmp_path / "certs")
+        running = RunningServer(ChatServer.__new__(ChatServer), port)
+        context = pki_module.client_ssl_context(*certs.client("bob"), certs.ca)
+        reply = await http_request(running, context, "GET", "/healthz")
+        assert reply.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await process.wait() == 0
+
+
+async def test_sigterm_closes_connections_with_1001_and_exits_0(tmp_path: Path) -> None:
+    process, port, _ = await start(tmp_path)
+    certs = pki_module.DevPki.at(tmp_path / "certs")
+    pki = TestPki(certs.directory, certs.ca, certs.directory)
+    running = RunningServer(ChatServer.__new__(ChatServer), port)
+    async with raw_ws(running, pki, "alice") as ws:
+        peer = StompPeer(ws)
+        await peer.connect()
+        process.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
+            while True:
+                await ws.get_message()
+        assert info.value.reason.code == 1001
+    with trio.fail_after(15):
+        assert await process.wait() == 0
+
+
+def test_help_lists_options() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for option in (
+        "--port",
+        "--certs-dir",
+        "--state-dir",
+        "--token-lifetime",
+        "--heartbeat",
+        "--passphrase-env",
+        "--outbound-buffer-bytes",
+    ):
+        assert option in result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_missing_certificate_file(tmp_path: Path, pki: TestPki) -> None:
+    line = one_line_error(
+        run(
+            "--port",
+            "0",
+            "--cert",
+            str(tmp_path / "nope.crt"),
+            "--key",
+            str(pki.dir / "server.key"),
+            "--ca",
+            str(pki.ca),
+            "--state-dir",
+            str(tmp_path / "state"),
+        )
+    )
+    assert line.startswith("chat-server: ") and "nope.crt" in line
+
+
+def test_encrypted_key_without_passphrase(tmp_path: Path, pki: TestPki) -> None:
+    key = pki_module.generate_key()
+    ca_key = pki_module.load_private_key(pki.dir / "ca.key")
+    ca_cert = pki_module.load_certificate(pki.ca)
+    key, cert = pki_module.make_server_cert(ca_key, ca_cert, [])
+    pki_module.write_private_key(tmp_path / "server.key", key, b"secret")
+    pki_module.write_certificate(tmp_path / "server.crt", cert)
+    args = (
+        "--port",
+        "0",
+        "--cert",
+        str(tmp_path / "server.crt"),
+        "--key",
+        str(tmp_path / "server.key"),
+        "--ca",
+        str(pki.ca),
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
+    assert "--passphrase-env" in one_line_error(run(*args))
+    line = one_line_error(run(*args, "--passphrase-env", "CHAT_TEST_UNSET_VARIABLE"))
+    assert "CHAT_TEST_UNSET_VARIABLE" in line
+
+
+async def test_port_in_use(server: RunningServer, pki: TestPki, tmp_path: Path) -> None:
+    result = await trio.to_thread.run_sync(
+        lambda: run(
+            "--port",
+            str(server.port),
+            "--certs-dir",
+            str(pki.dir),
+            "--state-dir",
+            str(tmp_path / "state"),
+        )
+    )
+    assert f"cannot listen on 127.0.0.1:{server.port}" in one_line_error(result)
+
+
+def test_revoke_and_unrevoke(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    (tmp_path / "state").mkdir()
+    assert (
+        "revoked identity 'alice'" in run("revoke", "--sub", "alice", "--state-dir", state).stdout
+    )
+    assert run("unrevoke", "--sub", "alice", "--state-dir", state).returncode == 0
+    assert "not revoked" in one_line_error(run("unrevoke", "--sub", "alice", "--state-dir", state))
+
+
+def test_keys_rotate_lists_both(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    (tmp_path / "state").mkdir()
+    first = run("keys", "list", "--state-dir", state)
+    rotated = run("keys", "rotate", "--state-dir", state)
+    assert first.returncode == rotated.returncode == 0
+    assert len(rotated.stdout.strip().splitlines()) == 3  # message + old key + new active key
+
+
+def test_config_defaults_match_protocol() -> None:
+    config = ServerConfig()
+    assert (config.host, config.port, config.heartbeat) == ("127.0.0.1", 8443, (10000, 10000))
