@@ -153,7 +153,7 @@ class ChatServer:
         handlers.cancel_scope.cancel()
 
     async def _watch_state(self) -> None:
-        """Operator commands (`revoke`, `keys rotate`) run in another process: poll their effects."""
+        """Operator commands (`revoke`, `keys rotate`) run in other processes: poll them."""
         version = self.state.revocation_version()
         keys_mtime = _mtime(self.keys_dir)
         while True:
