@@ -1,0 +1,35 @@
+"""An unmodified third-party STOMP client (@stomp/stompjs in Node) against a real server.
+
+`./dev test` installs it with `npm ci` in tests/interop when Node is available.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import RunningServer, TestPki
+
+INTEROP = Path(__file__).parent / "interop"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("node") is None or not (INTEROP / "node_modules" / "@stomp").is_dir(),
+    reason="node or tests/interop/node_modules missing (./dev test installs them)",
+)
+
+
+async def test_stompjs_connects_subscribes_publishes(start_server, pki: TestPki) -> None:
+    server: RunningServer = await start_server(heartbeat=(1000, 1000))
+    result = await trio.run_process(
+        ["node", str(INTEROP / "stompjs_check.mjs"), str(pki.dir), str(server.port)],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert "CONNECTED user-name=alice version=1.2 protocol=v12.stomp" in out
+    assert 'MESSAGE /topic/js.room sender=alice "hello from stomp.js"' in out
+    assert "DISCONNECTED" in out
