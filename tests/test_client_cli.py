@@ -1,0 +1,228 @@
+"""`chat-client` as users run it: a real subprocess against the in-test server.
+
+Scripted modes through pipes, the interactive UI through a pipe and through a pty
+(where readline is live and incoming lines must not garble the line being typed).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import termios
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from chat import pki as pki_module
+from chat.client.connection import StompClient, open_chat
+from tests.conftest import RunningServer, TestPki
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "chat.client.cli"]
+FAST = 10  # seconds: a subprocess starts, fetches a token and connects in well under one
+
+
+def cli_args(server: RunningServer, pki: TestPki, name: str, *extra: str) -> list[str]:
+    return [*CLI, "--cert", str(pki.client(name)[0]), "--url", server.ws_url, *extra]
+
+
+async def run_cli(args: list[str], stdin: bytes = b"",
+                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(FAST):
+        return await trio.run_process(
+            args, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False,
+            cwd=ROOT, env=env,
+        )
+
+
+def one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
+    """The single stderr line of a failed run (exit 2, no traceback)."""
+    assert result.returncode == 2, result
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chat-client: "), lines
+    return lines[0]
+
+
+async def read_until(stream: trio.abc.ReceiveStream, buffer: bytearray, text: str) -> str:
+    """Read `stream` into `buffer` until `text` shows up; return everything read so far."""
+    with trio.fail_after(FAST):
+        while text.encode() not in buffer:
+            chunk = await stream.receive_some()
+            assert chunk, f"stream ended before {text!r}: {bytes(buffer)!r}"
+            buffer += chunk
+    return buffer.decode(errors="replace")
+
+
+def bob_chat(server: RunningServer, pki: TestPki) -> AbstractAsyncContextManager[StompClient]:
+    cert, key = pki.client("bob")
+    return open_chat(server.ws_url, cert, key, pki.ca)
+
+
+def background(args: list[str]) -> Callable[..., Awaitable[object]]:
+    """A `nursery.start` target: the process runs with piped stdout/stderr."""
+    return partial(trio.run_process, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   check=False, cwd=ROOT)
+
+
+# ---------------------------------------------------------------- scripted use
+
+
+async def test_send_and_listen_json(server: RunningServer, pki: TestPki) -> None:
+    listen = cli_args(server, pki, "bob", "--listen", "dev.#", "--json", "--count", "1")
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(background(listen))
+        await read_until(listener.stderr, bytearray(), "* listening on dev.#")
+        sent = await run_cli(cli_args(server, pki, "alice", "--send", "dev.backend", "hi, bob"))
+        assert sent.returncode == 0, sent
+        output = bytearray()
+        await read_until(listener.stdout, output, "\n")
+        with trio.fail_after(FAST):
+            assert await listener.wait() == 0
+    record = json.loads(output.decode())
+    assert record["room"] == "dev.backend" and record["destination"] == "/topic/dev.backend"
+    assert (record["sender"], record["body"]) == ("alice", "hi, bob")
+    assert isinstance(record["timestamp"], int) and record["message_id"]
+
+
+async def test_ctrl_c_leaves_a_listener_cleanly(server: RunningServer, pki: TestPki) -> None:
+    async with trio.open_nursery() as nursery:
+        args = cli_args(server, pki, "bob", "--listen", "lobby")
+        listener = await nursery.start(background(args))
+        await read_until(listener.stderr, bytearray(), "* listening on lobby")
+        listener.send_signal(signal.SIGINT)
+        with trio.fail_after(FAST):
+            assert await listener.wait() == 0
+
+
+async def test_encrypted_key_needs_its_passphrase(
+    server: RunningServer, pki: TestPki, tmp_path: Path
+) -> None:
+    cert, key = pki.client("carol")
+    locked = tmp_path / "carol.key"
+    pki_module.write_private_key(locked, pki_module.load_private_key(key), b"s3cret")
+    (tmp_path / "carol.crt").write_bytes(cert.read_bytes())
+    (tmp_path / "ca.crt").write_bytes(pki.ca.read_bytes())
+    args = [*CLI, "--cert", str(tmp_path / "carol.crt"), "--url", server.ws_url,
+            "--send", "lobby", "x"]
+    line = one_error_line(await run_cli(args))
+    assert str(locked) in line and "--passphrase-env" in line
+    env = {**os.environ, "CAROL_PASS": "s3cret"}
+    unlocked = await run_cli([*args, "--passphrase-env", "CAROL_PASS"], env=env)
+    assert unlocked.returncode == 0, unlocked
+
+
+# ---------------------------------------------------------------- one-line errors
+
+
+async def test_missing_certificate_file(pki: TestPki, tmp_path: Path) -> None:
+    missing = tmp_path / "dave.crt"
+    line = one_error_line(await run_cli([*CLI, "--cert", str(missing), "--send", "lobby", "x"]))
+    assert str(missing) in line and "chat-certs client dave" in line
+
+
+async def test_missing_ca_file(pki: TestPki, tmp_path: Path) -> None:
+    cert, _ = pki.client("alice")
+    missing = tmp_path / "nope.crt"
+    line = one_error_line(await run_cli([*CLI, "--cert", str(cert), "--ca", str(missing)]))
+    assert str(missing) in line and "--ca" in line
+
+
+async def test_unreachable_server(pki: TestPki) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [*CLI, "--cert", str(pki.client("alice")[0]), "--url", f"wss://127.0.0.1:{port}/ws",
+            "--send", "lobby", "x"]
+    line = one_error_line(await run_cli(args))
+    assert f"cannot reach 127.0.0.1:{port}: connection refused" in line
+
+
+async def test_server_from_another_ca(server: RunningServer, pki: TestPki) -> None:
+    foreign_ca = pki.foreign_dir / "ca.crt"
+    args = cli_args(server, pki, "alice", "--ca", str(foreign_ca), "--send", "lobby", "x")
+    line = one_error_line(await run_cli(args))
+    assert "server's certificate is not signed by our CA" in line and str(foreign_ca) in line
+
+
+async def test_usage_errors_are_one_line(pki: TestPki) -> None:
+    cert = str(pki.client("alice")[0])
+    assert "--cert" in one_error_line(await run_cli([*CLI, "--send", "lobby", "x"]))
+    assert "--listen" in one_error_line(await run_cli([*CLI, "--cert", cert, "--json"]))
+    wildcard = one_error_line(await run_cli([*CLI, "--cert", cert, "--send", "dev.*", "x"]))
+    assert "wildcards" in wildcard
+
+
+async def test_help_lists_every_option_and_default() -> None:
+    script = Path(sys.executable).with_name("chat-client")  # the installed console script
+    result = await run_cli([str(script), "--help"] if script.exists() else [*CLI, "--help"])
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    for option in ("--cert", "--key", "--ca", "--passphrase-env", "--url", "--room",
+                   "--heartbeat", "--send", "--listen", "--json", "--count"):
+        assert option in text
+    for default in ("wss://127.0.0.1:8443/ws", "lobby", "10000", "ca.crt"):
+        assert default in text
+
+
+# ---------------------------------------------------------------- interactive
+
+
+async def test_interactive_through_a_pipe(server: RunningServer, pki: TestPki) -> None:
+    async with bob_chat(server, pki) as bob:
+        await bob.subscribe("/topic/lobby")
+        typed = b"hello from a pipe\n/join dev.backend\n/rooms\n/frob\n/leave\n/rooms\n/quit\n"
+        result = await run_cli(cli_args(server, pki, "alice"), stdin=typed)
+        with trio.fail_after(FAST):
+            got = await bob.receive()
+    assert (got.sender, got.text) == ("alice", "hello from a pipe")
+    assert result.returncode == 0, result
+    out = result.stdout.decode().splitlines()
+    assert "* joined lobby" in out and "* joined dev.backend" in out
+    assert "* rooms: lobby, dev.backend (current)" in out
+    assert any(line.startswith("* unknown command /frob") for line in out)
+    assert "* left dev.backend; now talking in lobby" in out
+    assert "* rooms: lobby (current)" in out
+    assert any(line.endswith("[lobby] alice: hello from a pipe") for line in out)
+
+
+def _own_terminal() -> None:
+    """In the child: a new session whose controlling terminal is stdin, so Ctrl-C is SIGINT."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@pytest.mark.parametrize("leave", [b"\x15\x04", b"\x03"], ids=["ctrl-d", "ctrl-c"])
+async def test_interactive_on_a_terminal(server: RunningServer, pki: TestPki, leave: bytes) -> None:
+    """Through a pty: readline is live, and an incoming line keeps the user's typing intact."""
+    master, slave = os.openpty()
+    async with bob_chat(server, pki) as bob, trio.lowlevel.FdStream(master) as terminal:
+        await bob.subscribe("/topic/lobby")
+        process = await trio.lowlevel.open_process(
+            cli_args(server, pki, "alice"), stdin=slave, stdout=slave, stderr=slave,
+            cwd=ROOT, env={**os.environ, "TERM": "xterm"}, preexec_fn=_own_terminal,
+        )
+        os.close(slave)
+        screen = bytearray()
+        await read_until(terminal, screen, "[lobby] > ")
+        await terminal.send_all(b"typed on a tty\r")
+        with trio.fail_after(FAST):
+            got = await bob.receive()
+        assert (got.sender, got.text) == ("alice", "typed on a tty")
+        await read_until(terminal, screen, "alice: typed on a tty\r\n[lobby] > ")  # reading again
+        await terminal.send_all(b"half")
+        await read_until(terminal, screen, "[lobby] > half")
+        await bob.send("/topic/lobby", "incoming while typing")
+        text = await read_until(terminal, screen, "incoming while typing\r\n[lobby] > half")
+        assert "\r\x1b[K" in text  # the half-typed line was cleared, then redrawn below
+        await terminal.send_all(leave)  # Ctrl-U (erase the line) + Ctrl-D, or Ctrl-C
+        with trio.fail_after(FAST):
+            assert await process.wait() == 0
