@@ -153,6 +153,14 @@ async def test_server_from_another_ca(server: RunningServer, pki: TestPki) -> No
     assert "server's certificate is not signed by our CA" in line and str(foreign_ca) in line
 
 
+async def test_client_certificate_from_another_ca(server: RunningServer, pki: TestPki) -> None:
+    mallory = pki.foreign_dir / "mallory.crt"
+    args = [*CLI, "--cert", str(mallory), "--ca", str(pki.ca), "--url", server.ws_url,
+            "--send", "lobby", "x"]
+    line = one_error_line(await run_cli(args))
+    assert "rejected our client certificate" in line
+
+
 async def test_usage_errors_are_one_line(pki: TestPki) -> None:
     cert = str(pki.client("alice")[0])
     assert "--cert" in one_error_line(await run_cli([*CLI, "--send", "lobby", "x"]))

@@ -246,7 +246,11 @@ class WatchedStream(trio.abc.Stream):
         try:
             await self._stream.send_all(data)
         except trio.BrokenResourceError as exc:
-            self.fail(transport_failure(exc, self._endpoint, connected=True))
+            self.fail(
+                transport_failure(exc, self._endpoint, connected=True)
+                if self._answered
+                else silent_refusal(self._endpoint)
+            )
             raise
         self.last_sent = trio.current_time()
 
@@ -257,7 +261,11 @@ class WatchedStream(trio.abc.Stream):
         try:
             data = await self._stream.receive_some(max_bytes)
         except trio.BrokenResourceError as exc:
-            self.fail(transport_failure(exc, self._endpoint, connected=True))
+            self.fail(
+                transport_failure(exc, self._endpoint, connected=True)
+                if self._answered
+                else silent_refusal(self._endpoint)
+            )
             raise
         if not data:
             self.fail(
@@ -340,7 +348,12 @@ async def _read_response(
         except h11.RemoteProtocolError as exc:
             raise BadResponse(f"the server sent malformed HTTP: {exc}") from None
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(RECEIVE_CHUNK)
+            try:
+                data = await stream.receive_some(RECEIVE_CHUNK)
+            except trio.BrokenResourceError:
+                if status == 0:  # reset before any answer: a refusal, as a bare EOF is
+                    raise silent_refusal(endpoint) from None
+                raise
             if not data and conn.their_state is h11.SEND_RESPONSE and status == 0:
                 raise silent_refusal(endpoint)
             conn.receive_data(data)
