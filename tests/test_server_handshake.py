@@ -146,3 +146,25 @@ async def test_no_stomp_version_offered(server: RunningServer, pki: TestPki) -> 
     token = await token_for(server, pki, "alice")
     status, body, _ = await refused(server, pki, "alice", ["mqtt", f"bearer.{token}"])
     assert (status, body["error"]) == (400, "unsupported_subprotocol")
+
+
+async def test_token_from_trusted_external_issuer(start_server, pki: TestPki, tmp_path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    idp_key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(idp_key.public_key()))
+    jwks = tmp_path / "idp.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "idp-1", "alg": "ES256", "use": "sig"}]}))
+    server = await start_server(trusted_jwks=((jwks, "https://idp.example"),))
+    claims = jwt.decode(forge(server, pki), options={"verify_signature": False})
+    external = jwt.encode(
+        {**claims, "iss": "https://idp.example"},
+        idp_key,
+        algorithm="ES256",
+        headers={"kid": "idp-1"},
+    )
+    async with raw_ws(server, pki, "alice", token=external) as ws:
+        assert ws.subprotocol == "v12.stomp"
+    # the provider's key cannot mint tokens under our own issuer
+    ours = jwt.encode(claims, idp_key, algorithm="ES256", headers={"kid": "idp-1"})
+    await assert_refused(server, pki, ours, 401, "invalid_token")

@@ -32,7 +32,7 @@ from chat.server.session import SessionLimits, StompSession
 from chat.server.upgrade import BadHandshake, authorize, is_upgrade
 from chat.state import StateStore
 from chat.stomp import FrameParser, Limits
-from chat.tokens import KeyStore, TokenAuthority, TokenPolicy
+from chat.tokens import KeyStore, TokenAuthority, TokenPolicy, TrustedIssuer
 
 log = logging.getLogger("chat.server")
 
@@ -88,6 +88,7 @@ class ChatServer:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.keys_dir = config.state_dir / "keys"
         self.keys = KeyStore.open(self.keys_dir)
+        trusted = [TrustedIssuer.from_jwks_file(path, iss) for path, iss in config.trusted_jwks]
         self.authority = TokenAuthority(
             self.keys,
             TokenPolicy(
@@ -95,6 +96,7 @@ class ChatServer:
                 lifetime=config.token_lifetime,
                 leeway=config.clock_leeway,
             ),
+            trusted,
         )
         self.state = StateStore.open(config.state_dir / "state.db")
         self.broker = Broker()

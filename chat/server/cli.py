@@ -88,6 +88,16 @@ def _serve_parser() -> argparse.ArgumentParser:
         help="signing keys and token database (default %(default)s)",
     )
     p.add_argument(
+        "--trust-jwks",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("FILE", "ISS"),
+        help="also accept access tokens from an external identity provider: its JWK Set file "
+        "and its `iss`; its tokens must carry aud=chat, sub = the certificate CN and "
+        "cnf.x5t#S256 like ours (repeatable)",
+    )
+    p.add_argument(
         "--token-lifetime",
         type=float,
         default=d.token_lifetime,
@@ -169,6 +179,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         crl=args.crl,
         key_passphrase=_passphrase(args.passphrase_env),
         state_dir=args.state_dir,
+        trusted_jwks=tuple((Path(path), iss) for path, iss in args.trust_jwks),
         token_lifetime=args.token_lifetime,
         refresh_lifetime=args.refresh_lifetime,
         clock_leeway=args.clock_leeway,

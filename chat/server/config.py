@@ -23,6 +23,8 @@ class ServerConfig:
     key_passphrase: bytes | None = field(default=None, repr=False)
     state_dir: Path = Path("state")
     issuer: str = "chat"
+    # External identity providers whose tokens are accepted too: (JWK Set file, their `iss`).
+    trusted_jwks: tuple[tuple[Path, str], ...] = ()
     token_lifetime: float = 300.0  # access tokens are short-lived: 5 minutes
     refresh_lifetime: float = 14 * 86400.0  # refresh tokens: 14 days
     clock_leeway: float = 30.0  # tolerated clock skew on exp/nbf
