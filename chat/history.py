@@ -1,0 +1,404 @@
+"""Per-topic message history: offsets, epochs, retention, replay, durable storage (PROTOCOL.md §8).
+
+How this works: every published message gets its topic's next `offset` (1, 2, ...) under the
+topic's `epoch`, an opaque id of that topic's history. Offsets are assigned synchronously, in
+memory, when the message is published, and the retained tail of each topic (at most
+`max_count` messages, none older than `max_age`) lives in a deque, so `replay()` is
+synchronous and a subscriber's replay plus live fan-out has no gap and no duplicate.
+
+Durability is asynchronous (group commit): `append()` also queues the message; a committer
+(a trio task in the server, calling `commit()` from a worker thread) takes the queued batch
+with `take_pending()`, writes it to SQLite in one transaction (WAL, `synchronous=FULL`, so a
+committed message survives a crash of the server) and then calls `mark_committed()`. Every
+append carries a store-wide `seq`; the server sends a SEND's RECEIPT only once
+`committed_seq >= seq`. On disk, each topic row holds its epoch and last committed offset; each
+message row is keyed by (destination, offset); pruning is by offset range (count) and by a
+timestamp index (age), so it costs little per batch.
+
+On startup the store loads every topic's epoch, last offset and retained tail: offsets continue
+and, after a clean shutdown, epochs are unchanged. Crash consistency: if the process dies
+between `append()` and `commit()`, those messages are lost, but none of them was receipted.
+Subscribers may still have seen them (live fan-out does not wait for the disk), so after
+restart offset N could name a different message than the one a subscriber saw. To make that
+impossible, `open` sets a marker that only `close()` clears; a store opened without the marker
+cleared was not shut down cleanly, and every topic then gets a new epoch. Offsets still continue
+from the last committed one and the retained messages stay; a client resuming with the old epoch
+gets `recovered:false` and the whole retained history. A memory store loses everything when the
+process ends, so every topic gets a new epoch then too (a fresh random one is minted on first
+use). Pure module: no trio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+EPOCH_BYTES = 6  # 12 hex characters: an epoch only has to differ from its topic's earlier ones
+HISTORY_FILE_MODE = 0o600  # message bodies: owner only (SQLite gives -wal/-shm the same mode)
+HISTORY_DIR_MODE = 0o700
+BUSY_TIMEOUT_MS = 5000  # an operator's reader may briefly hold the file
+CLEAN_KEY = "clean_shutdown"  # meta row: "1" only between close() and the next open
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS topics (
+        destination TEXT PRIMARY KEY,
+        epoch TEXT NOT NULL,
+        last_offset INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS messages (
+        destination TEXT NOT NULL,
+        offset INTEGER NOT NULL,
+        epoch TEXT NOT NULL,
+        timestamp_ms INTEGER NOT NULL,
+        sender TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (destination, offset))""",
+    "CREATE INDEX IF NOT EXISTS messages_age ON messages (timestamp_ms)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+_INSERT = (
+    "INSERT OR REPLACE INTO messages (destination, offset, epoch, timestamp_ms, sender,"
+    " content_type, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_TOPIC = (
+    "INSERT INTO topics (destination, epoch, last_offset) VALUES (?, ?, ?)"
+    " ON CONFLICT (destination) DO UPDATE SET epoch = excluded.epoch,"
+    " last_offset = excluded.last_offset"
+)
+_PRUNE_COUNT = "DELETE FROM messages WHERE destination = ? AND offset <= ?"
+_PRUNE_AGE = "DELETE FROM messages WHERE timestamp_ms < ?"
+_SET_CLEAN = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+_LOAD = (
+    "SELECT m.destination, m.offset, m.timestamp_ms, m.sender, m.content_type, m.headers, m.body"
+    " FROM messages m JOIN topics t ON t.destination = m.destination"
+    " WHERE m.offset > t.last_offset - ? ORDER BY m.destination, m.offset"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much history each topic keeps (PROTOCOL.md §8: count and age)."""
+
+    max_count: int = 1000  # per topic
+    max_age: float = 7 * 86400.0  # seconds
+
+    def __post_init__(self) -> None:
+        if self.max_count < 0 or self.max_age < 0:
+            raise ValueError(f"retention limits must not be negative: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One published message with its place in its topic's history."""
+
+    destination: str
+    offset: int
+    epoch: str
+    timestamp_ms: int
+    sender: str
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...]  # user headers passed through to MESSAGE
+    seq: int  # store-wide append sequence number (durability tracking); 0 when loaded from disk
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a resuming subscriber gets before live messages."""
+
+    messages: tuple[Stored, ...]  # retained messages with offset > since, in order
+    recovered: bool  # False when the epoch differs or messages after `since` are gone
+
+
+@dataclass(frozen=True, slots=True)
+class TopicState:
+    """One topic as loaded from disk."""
+
+    destination: str
+    epoch: str
+    last_offset: int
+    messages: tuple[Stored, ...]  # the retained tail, contiguous offsets ending at last_offset
+
+
+def new_epoch() -> str:
+    """A fresh id for a topic's history, minted when everything before it may be lost."""
+    return secrets.token_hex(EPOCH_BYTES)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file owner-only before SQLite opens it."""
+    path.parent.mkdir(mode=HISTORY_DIR_MODE, parents=True, exist_ok=True)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, HISTORY_FILE_MODE))
+
+
+def _headers_json(headers: tuple[tuple[str, str], ...]) -> str:
+    return json.dumps(headers) if headers else "[]"
+
+
+def _row(message: Stored) -> tuple[str, int, str, int, str, str, str, bytes]:
+    return (
+        message.destination,
+        message.offset,
+        message.epoch,
+        message.timestamp_ms,
+        message.sender,
+        message.content_type,
+        _headers_json(message.headers),
+        message.body,
+    )
+
+
+class SqliteBackend:
+    """The durable side: one SQLite file and one connection, used by one thread at a time."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._lock = threading.Lock()  # commit() runs in a worker thread; close() may not
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: Path) -> SqliteBackend:
+        """Open (or create, mode 0600) the history file in WAL mode with its schema."""
+        _create_private(path)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")  # a RECEIPT promises the message survives a crash
+        backend = cls(db)
+        with backend._transaction():
+            for statement in _SCHEMA:
+                db.execute(statement)
+        return backend
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def load(self, retention: Retention, now_ms: int) -> list[TopicState]:
+        """Prune, renew every epoch after an unclean shutdown, mark the store open, read it."""
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (CLEAN_KEY,)).fetchone()
+            if row is not None and row[0] != "1":
+                db.executemany(
+                    "UPDATE topics SET epoch = ? WHERE destination = ?",
+                    [(new_epoch(), d) for (d,) in db.execute("SELECT destination FROM topics")],
+                )
+            db.execute(_SET_CLEAN, (CLEAN_KEY, "0"))
+            db.execute(_PRUNE_AGE, (now_ms - retention.max_age * 1000.0,))
+            db.execute(
+                "DELETE FROM messages WHERE offset <= (SELECT t.last_offset FROM topics t"
+                " WHERE t.destination = messages.destination) - ?",
+                (retention.max_count,),
+            )
+            return self._read(db, retention)
+
+    @staticmethod
+    def _read(db: sqlite3.Connection, retention: Retention) -> list[TopicState]:
+        topics = {d: (e, last) for d, e, last in db.execute(
+            "SELECT destination, epoch, last_offset FROM topics"
+        )}
+        tails: dict[str, list[Stored]] = {d: [] for d in topics}
+        for destination, offset, ts, sender, ctype, headers, body in db.execute(
+            _LOAD, (retention.max_count,)
+        ):
+            tail = tails[destination]
+            if tail and tail[-1].offset != offset - 1:
+                tail.clear()  # keep only the contiguous run ending at the last offset
+            pairs = tuple((name, value) for name, value in json.loads(headers))
+            epoch = topics[destination][0]
+            tail.append(Stored(destination, offset, epoch, ts, sender, ctype, body, pairs, 0))
+        return [
+            TopicState(d, epoch, last, _contiguous_tail(tails[d], last))
+            for d, (epoch, last) in topics.items()
+        ]
+
+    def write(self, batch: list[Stored], retention: Retention) -> None:
+        """Write one batch, its topics' epochs and last offsets, and prune: one transaction."""
+        last: dict[str, Stored] = {message.destination: message for message in batch}
+        with self._transaction() as db:
+            db.executemany(_INSERT, map(_row, batch))
+            db.executemany(_UPSERT_TOPIC, ((d, m.epoch, m.offset) for d, m in last.items()))
+            db.executemany(
+                _PRUNE_COUNT,
+                ((d, m.offset - retention.max_count) for d, m in last.items()
+                 if m.offset > retention.max_count),
+            )
+            newest = max(message.timestamp_ms for message in batch)
+            db.execute(_PRUNE_AGE, (newest - retention.max_age * 1000.0,))
+
+    def close(self) -> None:
+        """Mark the shutdown clean and close; call only once every append was written."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._db.execute(_SET_CLEAN, (CLEAN_KEY, "1"))
+            self._db.close()
+
+
+def _contiguous_tail(tail: list[Stored], last_offset: int) -> tuple[Stored, ...]:
+    if tail and tail[-1].offset != last_offset:
+        return ()  # the newest rows are missing: nothing retained joins up with what comes next
+    return tuple(tail)
+
+
+class _Topic:
+    """One topic's live state; touched only by the event loop."""
+
+    __slots__ = ("epoch", "last", "retained")
+
+    def __init__(self, epoch: str, last: int, retained: Iterable[Stored], max_count: int) -> None:
+        self.epoch = epoch
+        self.last = last
+        self.retained: deque[Stored] = deque(retained, maxlen=max_count)
+
+
+class History:
+    """In-memory index of retained messages, with an optional durable backend.
+
+    Everything but `commit()` runs on the event loop; `commit()` touches only SQLite.
+    """
+
+    def __init__(
+        self, retention: Retention = Retention(), backend: SqliteBackend | None = None
+    ) -> None:
+        self._retention = retention
+        self._max_age_ms = retention.max_age * 1000.0
+        self._backend = backend
+        self._topics: dict[str, _Topic] = {}
+        self._pending: list[Stored] = []
+        self._seq = 0
+        self._committed = 0
+        if backend is not None:
+            for state in backend.load(retention, _now_ms()):
+                self._topics[state.destination] = _Topic(
+                    state.epoch, state.last_offset, state.messages, retention.max_count
+                )
+
+    @classmethod
+    def memory(cls, retention: Retention = Retention()) -> History:
+        """History that lives and dies with the process (every restart is a new epoch)."""
+        return cls(retention)
+
+    @classmethod
+    def open_sqlite(cls, path: Path, retention: Retention = Retention()) -> History:
+        """History stored in SQLite at `path`, loaded from it."""
+        return cls(retention, SqliteBackend.open(path))
+
+    @property
+    def durable(self) -> bool:
+        return self._backend is not None
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    @property
+    def committed_seq(self) -> int:
+        """Every append with `seq <= committed_seq` is durable (a memory store has no disk)."""
+        return self._committed if self._backend is not None else self._seq
+
+    def epoch(self, destination: str) -> str:
+        """The topic's current epoch, minting one for a topic seen for the first time."""
+        return (self._topics.get(destination) or self._new_topic(destination)).epoch
+
+    def _new_topic(self, destination: str) -> _Topic:
+        topic = self._topics[destination] = _Topic(new_epoch(), 0, (), self._retention.max_count)
+        return topic
+
+    def append(
+        self,
+        destination: str,
+        sender: str,
+        content_type: str,
+        body: bytes,
+        headers: tuple[tuple[str, str], ...],
+        timestamp_ms: int,
+    ) -> Stored:
+        """Give a published message its offset, retain it and queue it for the committer."""
+        topic = self._topics.get(destination) or self._new_topic(destination)
+        topic.last = offset = topic.last + 1
+        self._seq = seq = self._seq + 1
+        stored = Stored(
+            destination, offset, topic.epoch, timestamp_ms, sender, content_type, body, headers, seq
+        )
+        retained = topic.retained
+        retained.append(stored)  # the deque's maxlen drops the oldest: retention by count
+        if retained and retained[0].timestamp_ms < timestamp_ms - self._max_age_ms:
+            self._expire(retained, timestamp_ms)
+        if self._backend is not None:
+            self._pending.append(stored)
+        return stored
+
+    def _expire(self, retained: deque[Stored], now_ms: int) -> None:
+        cutoff = now_ms - self._max_age_ms
+        while retained and retained[0].timestamp_ms < cutoff:
+            retained.popleft()
+
+    def replay(self, destination: str, since: int, epoch: str | None, now_ms: int) -> Replay:
+        """The retained messages a subscriber resuming after offset `since` of `epoch` missed."""
+        topic = self._topics.get(destination)
+        if topic is None:  # nothing was ever published here; any epoch the client names is old
+            return Replay((), since == 0 and epoch is None)
+        retained = topic.retained
+        self._expire(retained, now_ms)
+        if epoch is not None and epoch != topic.epoch:
+            return Replay(tuple(retained), False)
+        if since > topic.last:  # the client is ahead of this history: it cannot be ours
+            return Replay((), False)
+        first = retained[0].offset if retained else topic.last + 1
+        messages = tuple(islice(retained, max(since + 1 - first, 0), None))
+        return Replay(messages, first <= since + 1)
+
+    def take_pending(self) -> list[Stored]:
+        """The appends not yet handed to the committer, oldest first (may be empty)."""
+        batch, self._pending = self._pending, []
+        return batch
+
+    def commit(self, batch: list[Stored]) -> None:
+        """BLOCKING: write `batch` in one transaction; run it in a worker thread.
+
+        On failure nothing of the batch is written; committing the same batch again is safe.
+        """
+        if batch and self._backend is not None:
+            self._backend.write(batch, self._retention)
+
+    def mark_committed(self, batch: list[Stored]) -> None:
+        """Record that `batch` (taken in order by `take_pending`) is on disk."""
+        if batch:
+            self._committed = max(self._committed, batch[-1].seq)
+
+    def close(self) -> None:
+        """Write whatever is still pending, then mark the shutdown clean.
+
+        Call it after the committer has stopped: it commits on the calling thread.
+        """
+        if self._backend is None:
+            return
+        batch = self.take_pending()
+        self.commit(batch)
+        self.mark_committed(batch)
+        self._backend.close()
