@@ -109,8 +109,9 @@ async def test_slow_consumer_is_evicted_without_hurting_others(start_server, pki
                     got.append(await ok.receive())
 
             nursery.start_soon(drain)
-            for _ in range(400):
-                await alice.send("SEND", {"destination": "/topic/flood"}, body)
+            for n in range(400):  # paced by receipts: a reader keeps up, the stalled one cannot
+                await alice.send("SEND", {"destination": "/topic/flood", "receipt": str(n)}, body)
+                assert (await alice.receive()).get("receipt-id") == str(n)
         assert len(got) == 400
         with trio.fail_after(5):
             frames = []

@@ -24,9 +24,11 @@ from wsproto.utilities import RemoteProtocolError as WsProtocolError
 
 from chat import pki
 from chat.errors import CloseCode, HttpRefusal
+from chat.history import History, Retention
 from chat.server.broker import Broker
 from chat.server.config import ServerConfig
 from chat.server.connection import Connection, Ending, Outbox
+from chat.server.durability import Durability
 from chat.server.http_api import BadRequest, HttpApi, Peer, Request, Response, refusal_response
 from chat.server.session import SessionLimits, StompSession
 from chat.server.upgrade import BadHandshake, authorize, is_upgrade
@@ -99,7 +101,9 @@ class ChatServer:
             trusted,
         )
         self.state = StateStore.open(config.state_dir / "state.db")
-        self.broker = Broker()
+        self.history = _open_history(config)
+        self.durability = Durability(self.history)
+        self.broker = Broker(self.history, self.durability)
         self.api = HttpApi(self.authority, self.keys, self.state, config.refresh_lifetime)
         self.connections: set[Connection] = set()
         self._stop = trio.Event()
@@ -131,6 +135,7 @@ class ChatServer:
                         )
                     )
                     background.start_soon(self._watch_state)
+                    background.start_soon(self.durability.run)
                     background.start_soon(self._prune)
                     log.info(
                         "listening on https://%s:%d (STOMP at wss://%s:%d/ws)",
@@ -144,6 +149,7 @@ class ChatServer:
                     background.cancel_scope.cancel()
                 await self._drain(handlers)
         finally:
+            self.history.close()  # writes whatever is still pending, marks a clean shutdown
             self.state.close()
 
     async def _drain(self, handlers: trio.Nursery) -> None:
@@ -253,6 +259,13 @@ async def serve(
 ) -> None:
     """Run a server until cancelled; `task_status.started(port)` once it listens."""
     await ChatServer(config).run(task_status=task_status)
+
+
+def _open_history(config: ServerConfig) -> History:
+    retention = Retention(config.retention_count, config.retention_age)
+    if config.history == "memory":
+        return History.memory(retention)
+    return History.open_sqlite(config.state_dir / "history.db", retention)
 
 
 def _peer_of(stream: trio.SSLStream) -> Peer:

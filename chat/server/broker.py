@@ -1,21 +1,22 @@
-"""Subscriptions and fan-out.
+"""Subscriptions, history and fan-out.
 
-How this works: a published message is encoded once. A STOMP `MESSAGE` differs between
-recipients only in its `subscription` header, so the frame is built as
-`MESSAGE\\n` + `subscription:ID\\n` + common headers and body, and the finished WebSocket
-frame is cached per distinct subscription id for the duration of one publish (clients
-tend to reuse the same few ids, so most recipients share one bytes object). Each
-recipient's `Outbox` only appends those bytes to its buffer: a publisher never waits on
-a subscriber.
+How this works: a published message is first appended to the history, which gives it its
+per-topic `offset` and the topic's `epoch` (and queues it for the committer), then encoded
+once. A STOMP `MESSAGE` differs between recipients only in its `subscription` header, so
+the frame is `MESSAGE\\n` + `subscription:ID\\n` + the common tail, and the finished
+WebSocket frame is cached per distinct subscription id for the duration of one publish
+(clients tend to reuse the same few ids, so most recipients share one bytes object). Each
+recipient's `Outbox` only appends those bytes: a publisher never waits on a subscriber.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from chat.history import History, Stored
+from chat.server.durability import Durability
 from chat.stomp import encode_header
 from chat.topics import TopicTrie
 from chat.wsframes import data_frame
@@ -65,11 +66,12 @@ SERVER_HEADERS = frozenset(
 
 
 class Broker:
-    """Holds every subscription in one topic trie and delivers published messages."""
+    """Holds every subscription in one topic trie, records and delivers published messages."""
 
-    def __init__(self) -> None:
+    def __init__(self, history: History, durability: Durability) -> None:
         self._trie: TopicTrie[Subscription] = TopicTrie()
-        self._ids = itertools.count(1)
+        self.history = history
+        self.durability = durability
 
     def subscribe(self, pattern: tuple[str, ...], subscription: Subscription) -> None:
         self._trie.add(pattern, subscription)
@@ -80,31 +82,45 @@ class Broker:
     def __len__(self) -> int:
         return len(self._trie)
 
-    def publish(self, message: Published) -> int:
-        """Deliver to every matching subscription; returns how many deliveries were queued."""
+    def publish(self, message: Published) -> Stored:
+        """Give the message its offset, queue it for disk, deliver it to every subscriber."""
+        stored = self.history.append(
+            message.destination,
+            message.sender,
+            message.content_type,
+            message.body,
+            message.extra_headers,
+            time.time_ns() // 1_000_000,
+        )
+        self.durability.appended()
         recipients = self._trie.match(message.topic)
-        if not recipients:
-            return 0
-        tail = _common_part(message, next(self._ids))
-        frames: dict[str, bytes] = {}
-        for sub in recipients:
-            frame = frames.get(sub.id)
-            if frame is None:
-                frame = frames[sub.id] = data_frame(
-                    b"MESSAGE\n" + encode_header("subscription", sub.id) + tail
-                )
-            sub.outbox.push(frame)
-        return len(recipients)
+        if recipients:
+            tail = message_tail(stored)
+            frames: dict[str, bytes] = {}
+            for sub in recipients:
+                frame = frames.get(sub.id)
+                if frame is None:
+                    frame = frames[sub.id] = message_frame(sub.id, tail)
+                sub.outbox.push(frame)
+        return stored
 
 
-def _common_part(message: Published, message_id: int) -> bytes:
+def message_frame(subscription_id: str, tail: bytes) -> bytes:
+    """The WebSocket frame of a MESSAGE for one subscription."""
+    return data_frame(b"MESSAGE\n" + encode_header("subscription", subscription_id) + tail)
+
+
+def message_tail(stored: Stored) -> bytes:
+    """Every header but `subscription`, the blank line, the body and the NUL."""
     headers = [
-        encode_header("destination", message.destination),
-        encode_header("message-id", str(message_id)),
-        encode_header("content-type", message.content_type),
-        encode_header("content-length", str(len(message.body))),
-        encode_header("sender", message.sender),
-        encode_header("timestamp", str(time.time_ns() // 1_000_000)),
+        encode_header("destination", stored.destination),
+        encode_header("message-id", f"{stored.epoch}-{stored.offset}"),
+        encode_header("content-type", stored.content_type),
+        encode_header("content-length", str(len(stored.body))),
+        encode_header("sender", stored.sender),
+        encode_header("timestamp", str(stored.timestamp_ms)),
+        encode_header("offset", str(stored.offset)),
+        encode_header("epoch", stored.epoch),
     ]
-    headers.extend(encode_header(name, value) for name, value in message.extra_headers)
-    return b"".join(headers) + b"\n" + message.body + b"\x00"
+    headers.extend(encode_header(name, value) for name, value in stored.headers)
+    return b"".join(headers) + b"\n" + stored.body + b"\x00"

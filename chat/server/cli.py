@@ -144,6 +144,26 @@ def _serve_parser() -> argparse.ArgumentParser:
         help="unsent bytes after which a slow consumer is closed (default %(default)s)",
     )
     p.add_argument(
+        "--history",
+        choices=["sqlite", "memory"],
+        default=d.history,
+        help="where messages are kept for resume: sqlite (STATE_DIR/history.db; a RECEIPT for "
+        "a SEND means it is on disk) or memory (lost on restart) (default %(default)s)",
+    )
+    p.add_argument(
+        "--retention-count",
+        type=int,
+        default=d.retention_count,
+        help="messages kept per topic for resume (default %(default)s)",
+    )
+    p.add_argument(
+        "--retention-age",
+        type=float,
+        default=d.retention_age,
+        metavar="SECONDS",
+        help="how long a message is kept for resume (default %(default)s)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=float,
         default=d.shutdown_grace,
@@ -188,6 +208,9 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_subscriptions=args.max_subscriptions,
         outbound_buffer_bytes=args.outbound_buffer_bytes,
         shutdown_grace=args.shutdown_grace,
+        history=args.history,
+        retention_count=args.retention_count,
+        retention_age=args.retention_age,
     )
 
 

@@ -39,6 +39,9 @@ class ServerConfig:
     connect_timeout: float = 10.0  # WebSocket open until STOMP CONNECT
     close_timeout: float = 2.0  # how long we wait for the peer's close frame
     shutdown_grace: float = 5.0  # SIGTERM: time connections get to close with 1001
+    history: str = "sqlite"  # "sqlite" (state_dir/history.db, survives crashes) or "memory"
+    retention_count: int = 1000  # messages kept per topic for resume
+    retention_age: float = 7 * 86400.0  # seconds a message is kept for resume
     revocation_poll: float = 1.0  # how often live sessions are re-checked against revocations
 
     def cert_path(self) -> Path:

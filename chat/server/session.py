@@ -12,11 +12,19 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chat.errors import HttpRefusal, MalformedFrame, PolicyViolation
-from chat.server.broker import SERVER_HEADERS, Broker, Outbox, Published, Subscription
+from chat.errors import HttpRefusal, InvalidDestination, MalformedFrame, PolicyViolation
+from chat.server.broker import (
+    SERVER_HEADERS,
+    Broker,
+    Outbox,
+    Published,
+    Subscription,
+    message_frame,
+    message_tail,
+)
 from chat.stomp import Frame, encode, negotiate_heartbeat, parse_heartbeat
 from chat.tokens import Claims, TokenAuthority, check_binding
-from chat.topics import parse_destination
+from chat.topics import ANY, ONE, parse_destination
 from chat.wsframes import data_frame
 
 SERVER_NAME = "chat/0.1"
@@ -35,6 +43,18 @@ class Unsupported(PolicyViolation):
 
 class AuthorizationLost(PolicyViolation):
     """The connection's token expired, was revoked, or a renewal was refused (PROTOCOL.md §7)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Acted:
+    """What handling a frame means for its RECEIPT: extra headers, and the append it waits for."""
+
+    receipt_headers: tuple[tuple[str, str], ...] = ()
+    durable_seq: int = 0
+    disconnect: bool = False
+
+
+ACTED = Acted()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +104,10 @@ class StompSession:
         self._is_revoked = is_revoked
         self._clock = clock
         self._subscriptions: dict[str, tuple[tuple[str, ...], Subscription]] = {}
-        self._handlers: dict[str, Callable[[Frame], bool]] = {
+        self._receipt_floor = (
+            0  # receipts leave in order: none before an earlier one's data is durable
+        )
+        self._handlers: dict[str, Callable[[Frame], Acted]] = {
             "CONNECT": self._connect,
             "STOMP": self._connect,
             "SEND": self._send,
@@ -106,11 +129,19 @@ class StompSession:
         """Act on one frame; True when the client asked to disconnect."""
         if not self.connected and frame.command not in ("CONNECT", "STOMP"):
             raise NotConnected("not connected", f"expected CONNECT, got {frame.command}")
-        done = self._handlers[frame.command](frame)
+        acted = self._handlers[frame.command](frame)
         receipt = frame.get("receipt")
         if receipt is not None:
-            self.push(Frame("RECEIPT", (("receipt-id", receipt),)))
-        return done
+            self._receipt(
+                Frame("RECEIPT", (("receipt-id", receipt), *acted.receipt_headers)),
+                acted.durable_seq,
+            )
+        return acted.disconnect
+
+    def _receipt(self, frame: Frame, durable_seq: int) -> None:
+        self._receipt_floor = max(self._receipt_floor, durable_seq)
+        data = data_frame(encode(frame))
+        self._broker.durability.after(self._receipt_floor, lambda: self.outbox.push(data))
 
     def push(self, frame: Frame) -> None:
         self.outbox.push(data_frame(encode(frame)))
@@ -128,7 +159,7 @@ class StompSession:
         if self._is_revoked(self.claims):
             raise AuthorizationLost("token revoked", "the access token or identity was revoked")
 
-    def _connect(self, frame: Frame) -> bool:
+    def _connect(self, frame: Frame) -> Acted:
         if self.connected:
             raise MalformedFrame("already connected", "CONNECT may only be sent once")
         version = _negotiate_version(frame.get("accept-version"))
@@ -149,15 +180,15 @@ class StompSession:
                 ),
             )
         )
-        return False
+        return ACTED
 
-    def _send(self, frame: Frame) -> bool:
+    def _send(self, frame: Frame) -> Acted:
         destination = frame.require("destination")
         if destination == TOKEN_DESTINATION:
             self._renew(frame.body)
-            return False
+            return ACTED
         extra = tuple((name, value) for name, value in frame.headers if name not in SERVER_HEADERS)
-        self._broker.publish(
+        stored = self._broker.publish(
             Published(
                 destination,
                 _send_topic(destination),
@@ -167,7 +198,7 @@ class StompSession:
                 extra,
             )
         )
-        return False
+        return Acted(durable_seq=stored.seq)
 
     def _renew(self, body: bytes) -> None:
         try:
@@ -181,7 +212,7 @@ class StompSession:
             raise AuthorizationLost("token renewal refused", "token_revoked: the token is revoked")
         self.claims = claims
 
-    def _subscribe(self, frame: Frame) -> bool:
+    def _subscribe(self, frame: Frame) -> Acted:
         destination = frame.require("destination")
         sub_id = frame.require("id")
         if sub_id in self._subscriptions:
@@ -195,26 +226,51 @@ class StompSession:
         if ack != "auto":
             raise Unsupported("unsupported ack mode", f"only ack:auto is supported, not {ack}")
         pattern = parse_destination(destination, wildcards=True)
+        # Replay and going live happen in one step with no await between: no gap, no duplicate.
+        receipt_headers = self._replay(frame, destination, pattern, sub_id)
         subscription = Subscription(self.outbox, sub_id)
         self._subscriptions[sub_id] = (pattern, subscription)
         self._broker.subscribe(pattern, subscription)
-        return False
+        return Acted(receipt_headers)
 
-    def _unsubscribe(self, frame: Frame) -> bool:
+    def _replay(
+        self, frame: Frame, destination: str, pattern: tuple[str, ...], sub_id: str
+    ) -> tuple[tuple[str, str], ...]:
+        """PROTOCOL.md §8: deliver retained messages after `since-offset`, say if all were there."""
+        since = frame.get("since-offset")
+        if since is None:
+            return ()
+        if ANY in pattern or ONE in pattern:
+            raise InvalidDestination(
+                "since-offset needs an exact topic",
+                f"cannot resume the wildcard subscription {destination}",
+            )
+        if not since.isdigit():
+            raise MalformedFrame(
+                "invalid since-offset", f"since-offset must be 0 or more: {since!r}"
+            )
+        replay = self._broker.history.replay(
+            destination, int(since), frame.get("epoch"), int(self._clock() * 1000)
+        )
+        for stored in replay.messages:
+            self.outbox.push(message_frame(sub_id, message_tail(stored)))
+        return (("recovered", "true" if replay.recovered else "false"),)
+
+    def _unsubscribe(self, frame: Frame) -> Acted:
         sub_id = frame.require("id")
         entry = self._subscriptions.pop(sub_id, None)
         if entry is None:
             raise PolicyViolation("unknown subscription", f"no subscription with id '{sub_id}'")
         self._broker.unsubscribe(*entry)
-        return False
+        return ACTED
 
-    def _disconnect(self, frame: Frame) -> bool:
-        return True
+    def _disconnect(self, frame: Frame) -> Acted:
+        return Acted(disconnect=True)
 
-    def _client_ack(self, frame: Frame) -> bool:
+    def _client_ack(self, frame: Frame) -> Acted:
         raise Unsupported(f"{frame.command} not supported", "subscriptions are ack:auto only")
 
-    def _transaction(self, frame: Frame) -> bool:
+    def _transaction(self, frame: Frame) -> Acted:
         raise Unsupported(f"{frame.command} not supported", "transactions are not supported")
 
 

@@ -1,0 +1,275 @@
+"""Offsets, epochs, resume and durability (PROTOCOL.md §8) against a real server."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import trio
+
+from chat import pki as pki_module
+from chat.server.app import ChatServer
+from chat.stomp import Frame
+from tests.conftest import RunningServer, StompPeer, TestPki, raw_ws, stomp_peer
+from tests.test_server_cli import start as start_subprocess
+
+
+async def publish(peer: StompPeer, destination: str, bodies: list[bytes]) -> list[Frame]:
+    """Send each body with a receipt; returns MESSAGEs the sender itself got meanwhile."""
+    own: list[Frame] = []
+    for n, body in enumerate(bodies):
+        await peer.send("SEND", {"destination": destination, "receipt": f"p{n}"}, body)
+        own += await messages_until_receipt(peer, f"p{n}")
+    return own
+
+
+async def subscribe(peer: StompPeer, destination: str, sub_id: str = "s", **extra: str) -> Frame:
+    await peer.send(
+        "SUBSCRIBE", {"destination": destination, "id": sub_id, "receipt": "sub", **extra}
+    )
+    return await peer.receive()
+
+
+async def messages_until_receipt(peer: StompPeer, receipt_id: str) -> list[Frame]:
+    got = []
+    while (frame := await peer.receive()).command == "MESSAGE":
+        got.append(frame)
+    assert frame.get("receipt-id") == receipt_id, frame
+    return got
+
+
+async def test_offsets_count_per_topic_and_epoch_is_stable(server, pki: TestPki) -> None:
+    async with stomp_peer(server, pki, "bob") as bob, stomp_peer(server, pki, "alice") as alice:
+        await subscribe(bob, "/topic/h.#")
+        await publish(alice, "/topic/h.a", [b"1", b"2"])
+        await publish(alice, "/topic/h.b", [b"x"])
+        await publish(alice, "/topic/h.a", [b"3"])
+        got = [await bob.receive() for _ in range(4)]
+    assert [(f.get("destination"), f.get("offset")) for f in got] == [
+        ("/topic/h.a", "1"),
+        ("/topic/h.a", "2"),
+        ("/topic/h.b", "1"),
+        ("/topic/h.a", "3"),
+    ]
+    epochs = {f.get("destination"): f.get("epoch") for f in got}
+    assert got[0].get("epoch") == got[3].get("epoch") == epochs["/topic/h.a"]
+    assert all(f.get("message-id") for f in got)
+
+
+async def test_resume_replays_missed_messages_then_goes_live(server, pki: TestPki) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        async with stomp_peer(server, pki, "bob") as bob:
+            await subscribe(bob, "/topic/room")
+            await publish(alice, "/topic/room", [b"m1", b"m2"])
+            seen = [await bob.receive() for _ in range(2)]
+        epoch, last = seen[-1].get("epoch"), seen[-1].get("offset")
+        await publish(alice, "/topic/room", [b"m3", b"m4", b"m5"])
+        async with stomp_peer(server, pki, "bob") as bob:
+            await bob.send(
+                "SUBSCRIBE",
+                {
+                    "destination": "/topic/room",
+                    "id": "s",
+                    "since-offset": last,
+                    "epoch": epoch,
+                    "receipt": "r",
+                },
+            )
+            replayed = await messages_until_receipt(bob, "r")
+            await publish(alice, "/topic/room", [b"m6"])
+            live = await bob.receive()
+    assert [f.body for f in replayed] == [b"m3", b"m4", b"m5"]
+    assert [f.get("offset") for f in replayed] == ["3", "4", "5"]
+    assert (live.body, live.get("offset")) == (b"m6", "6")
+
+
+async def test_subscribe_receipt_says_recovered(server, pki: TestPki) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        await publish(alice, "/topic/r", [b"a"])
+        plain = await subscribe(alice, "/topic/r")  # no since-offset: no replay, no verdict
+        assert (plain.command, plain.get("recovered")) == ("RECEIPT", None)
+        await alice.send(
+            "SUBSCRIBE",
+            {"destination": "/topic/r", "id": "2", "since-offset": "0", "receipt": "again"},
+        )
+        replayed = await messages_until_receipt(alice, "again")
+    assert [f.body for f in replayed] == [b"a"]
+
+
+async def test_resume_while_publishing_continues_has_no_gap_or_duplicate(server, pki) -> None:
+    total = 200
+    async with stomp_peer(server, pki, "alice") as alice, stomp_peer(server, pki, "bob") as bob:
+        await subscribe(bob, "/topic/busy", "first")
+        async with trio.open_nursery() as nursery:
+
+            async def publisher() -> None:
+                for n in range(total):
+                    await alice.send("SEND", {"destination": "/topic/busy"}, str(n).encode())
+                    if n % 20 == 0:
+                        await trio.sleep(0.001)
+
+            nursery.start_soon(publisher)
+            first = [await bob.receive() for _ in range(30)]
+            await bob.send("UNSUBSCRIBE", {"id": "first"})
+            await trio.sleep(0.01)  # publishing goes on while bob is away
+            last = first[-1]
+            await bob.send(
+                "SUBSCRIBE",
+                {
+                    "destination": "/topic/busy",
+                    "id": "second",
+                    "since-offset": last.get("offset"),
+                    "epoch": last.get("epoch"),
+                },
+            )
+            rest: list[Frame] = []
+            with trio.fail_after(10):
+                while len(rest) < total - 30:
+                    frame = await bob.receive()
+                    if frame.get("subscription") == "second":
+                        rest.append(frame)
+    offsets = [int(f.get("offset")) for f in first + rest]
+    assert offsets == list(range(1, total + 1))
+
+
+async def test_epoch_mismatch_is_not_recovered_but_delivers_what_is_kept(server, pki) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        await publish(alice, "/topic/e", [b"a", b"b"])
+        await alice.send(
+            "SUBSCRIBE",
+            {
+                "destination": "/topic/e",
+                "id": "s",
+                "since-offset": "1",
+                "epoch": "not-the-epoch",
+                "receipt": "r",
+            },
+        )
+        got = []
+        while (frame := await alice.receive()).command == "MESSAGE":
+            got.append(frame.body)
+    assert got == [b"a", b"b"]
+    assert frame.get("recovered") == "false"
+
+
+async def test_messages_no_longer_retained_is_not_recovered(start_server, pki) -> None:
+    server = await start_server(retention_count=3)
+    async with stomp_peer(server, pki, "alice") as alice:
+        await publish(alice, "/topic/short", [b"1", b"2", b"3", b"4", b"5"])
+        await subscribe(alice, "/topic/short", "probe")
+        (own,) = await publish(alice, "/topic/short", [b"6"])
+        epoch = own.get("epoch")
+        await alice.send(
+            "SUBSCRIBE",
+            {
+                "destination": "/topic/short",
+                "id": "s",
+                "since-offset": "1",
+                "epoch": epoch,
+                "receipt": "r",
+            },
+        )
+        got = []
+        while (frame := await alice.receive()).command == "MESSAGE":
+            got.append(frame.body)
+    assert got == [b"4", b"5", b"6"]
+    assert frame.get("recovered") == "false"
+
+
+async def test_since_offset_on_wildcard_is_an_error(server, pki: TestPki) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        await alice.send("SUBSCRIBE", {"destination": "/topic/a.*", "id": "s", "since-offset": "0"})
+        frame = await alice.receive()
+    assert (frame.command, frame.get("message")) == ("ERROR", "since-offset needs an exact topic")
+
+
+async def test_clean_restart_keeps_history_offsets_and_epoch(start_server, pki, tmp_path) -> None:
+    state = tmp_path / "kept"
+    first = await start_server(state_dir=state)
+    async with stomp_peer(first, pki, "alice") as alice:
+        await subscribe(alice, "/topic/keep")
+        own = await publish(alice, "/topic/keep", [b"before-1", b"before-2"])
+        epoch = own[0].get("epoch")
+    first.server.shutdown()
+    await trio.sleep(0.2)
+    second = await start_server(state_dir=state)
+    async with stomp_peer(second, pki, "alice") as alice:
+        await alice.send(
+            "SUBSCRIBE",
+            {
+                "destination": "/topic/keep",
+                "id": "s",
+                "since-offset": "0",
+                "epoch": epoch,
+                "receipt": "r",
+            },
+        )
+        replayed = await messages_until_receipt(alice, "r")
+        (live,) = await publish(alice, "/topic/keep", [b"after"])  # through subscription "s"
+    assert [f.body for f in replayed] == [b"before-1", b"before-2"]
+    assert (live.get("offset"), live.get("epoch")) == ("3", epoch)
+
+
+async def test_memory_history_restart_changes_epoch(start_server, pki, tmp_path) -> None:
+    state = tmp_path / "mem"
+    first = await start_server(state_dir=state, history="memory")
+    async with stomp_peer(first, pki, "alice") as alice:
+        await subscribe(alice, "/topic/m")
+        (own,) = await publish(alice, "/topic/m", [b"gone"])
+        epoch = own.get("epoch")
+    first.server.shutdown()
+    await trio.sleep(0.2)
+    second = await start_server(state_dir=state, history="memory")
+    async with stomp_peer(second, pki, "alice") as alice:
+        receipt = await subscribe(alice, "/topic/m")
+        await alice.send(
+            "SUBSCRIBE",
+            {
+                "destination": "/topic/m",
+                "id": "t",
+                "since-offset": "1",
+                "epoch": epoch,
+                "receipt": "r",
+            },
+        )
+        assert (await alice.receive()).get("recovered") == "false"
+    assert receipt.command == "RECEIPT"
+
+
+async def test_receipted_messages_survive_sigkill(tmp_path) -> None:
+    process, port, _ = await start_subprocess(tmp_path)
+    certs = pki_module.DevPki.at(tmp_path / "certs")
+    pki = TestPki(certs.directory, certs.ca, certs.directory)
+    running = RunningServer(ChatServer.__new__(ChatServer), port)
+    bodies = [f"durable-{n}".encode() for n in range(50)]
+    async with raw_ws(running, pki, "alice") as ws:
+        alice = StompPeer(ws)
+        await alice.connect()
+        await publish(alice, "/topic/crash", bodies)  # every one receipted
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    process, port, _ = await start_subprocess(tmp_path)
+    try:
+        running = RunningServer(ChatServer.__new__(ChatServer), port)
+        async with raw_ws(running, pki, "alice") as ws:
+            alice = StompPeer(ws)
+            await alice.connect()
+            await alice.send(
+                "SUBSCRIBE",
+                {"destination": "/topic/crash", "id": "s", "since-offset": "0", "receipt": "r"},
+            )
+            replayed = await messages_until_receipt(alice, "r")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            await process.wait()
+    assert [f.body for f in replayed] == bodies
+    assert [f.get("offset") for f in replayed] == [str(n) for n in range(1, 51)]
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", "1.5"])
+async def test_invalid_since_offset(server, pki: TestPki, bad: str) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        await alice.send("SUBSCRIBE", {"destination": "/topic/a", "id": "s", "since-offset": bad})
+        frame = await alice.receive()
+    assert (frame.command, frame.get("message")) == ("ERROR", "invalid since-offset")
