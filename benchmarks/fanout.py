@@ -116,12 +116,14 @@ def _cores(server: int, load: int) -> tuple[int, int]:
 # ---------------------------------------------------------------- one run
 
 
-def _run(setup: Setup, server: str, rate: float) -> Result:
+def _run(setup: Setup, server: str, rate: float, server_args: Sequence[str] = (),
+         load_args: Sequence[str] = ()) -> Result:
     port = _free_port()
-    log = setup.work / f"{server}-{rate:g}.log"
-    with _process(_server_command(setup, server, port), setup.server_core, log) as proc:
+    log = setup.work / f"{server}-{rate:g}-{len(load_args)}.log"
+    server_command = [*_server_command(setup, server, port), *server_args]
+    with _process(server_command, setup.server_core, log) as proc:
         _wait_ready(port, proc, log)
-        command = _load_command(setup, server, port, proc.pid, rate)
+        command = [*_load_command(setup, server, port, proc.pid, rate), *load_args]
         report = _load(command, setup)
     return Result(server, rate, report, " ".join(command))
 

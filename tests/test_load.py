@@ -88,6 +88,19 @@ async def test_tokens_are_renewed_for_runs_longer_than_their_lifetime(
     assert report.delivered == report.expected == 3 * report.sent > 0
 
 
+async def test_stalled_subscribers_are_evicted_and_others_lose_nothing(
+    start_server: StartServer, pki: TestPki
+) -> None:
+    server = await start_server(outbound_buffer_bytes=512 * 1024)
+    # healthy subscribers may owe at most 4 x 60 kB: well under the 512 kB limit
+    config = _config(server.ws_url, pki, subscribers=3, stalled=2, size=60000, rate=0.0,
+                     max_inflight=4, duration=1.5)
+    report = await run_load(config)
+    assert (report.stalled, report.evicted) == (2, 2)
+    assert report.connections.dropped == 0, report.connections.first_error
+    assert report.delivered == report.expected == 3 * report.sent > 0
+
+
 async def test_raw_mode_against_the_baseline_server(nursery: trio.Nursery, pki: TestPki) -> None:
     baseline = _baseline_module()
     context = pki_module.server_ssl_context(pki.dir / "server.crt", pki.dir / "server.key", pki.ca)

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-pid", type=int, metavar="PID",
                    help="read the server's CPU time (/proc/PID/stat) at the window's edges: "
                    "reports server CPU seconds and us per delivery")
+    p.add_argument("--stalled", type=int, default=0, metavar="N",
+                   help="also open N subscribers that never read (slow consumers); the report "
+                   "says how many the server evicted, and latency shows whether the healthy "
+                   "subscribers noticed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--raw", action="store_true",
                    help="advanced: bare WebSocket text messages, no token and no STOMP, for "
@@ -112,6 +116,7 @@ def config_of(args: argparse.Namespace) -> LoadConfig:
         subscribers=args.subscribers, publishers=args.publishers, topics=args.topics,
         rate=args.rate, max_inflight=args.max_inflight, size=args.size,
         duration=args.duration, warmup=args.warmup, server_pid=args.server_pid, raw=args.raw,
+        stalled=args.stalled,
     )
 
 
@@ -127,6 +132,8 @@ def _check(args: argparse.Namespace) -> None:
         (BODY_HEAD <= args.size <= MAX_SIZE, f"--size must be {BODY_HEAD}..{MAX_SIZE}"),
         (0 < args.duration <= MAX_DURATION, f"--duration must be in (0, {MAX_DURATION:g}]"),
         (0 <= args.warmup <= MAX_WARMUP, f"--warmup must be in [0, {MAX_WARMUP:g}]"),
+        (0 <= args.stalled <= MAX_CONNECTIONS, f"--stalled must be 0..{MAX_CONNECTIONS}"),
+        (not args.raw or not args.stalled, "--stalled needs STOMP (not --raw)"),
         (not args.raw or (args.publishers == 1 and args.topics == 1),
          "--raw needs --publishers 1 --topics 1 (the baseline forwards to everyone)"),
     ]
@@ -167,6 +174,8 @@ def as_table(report: Report) -> str:
         ("harness CPU", _cpu(r.harness_cpu) + ("  SATURATED: the harness limits these "
                                                "figures" if r.harness_saturated else "")),
         ("flow stalls", f"{r.stalls} (publisher waits that timed out: lost deliveries)"),
+        *([("stalled", f"{r.evicted} of {r.stalled} never-reading subscribers evicted "
+                       "by the server (slow consumer)")] if r.stalled else []),
         *([("foreign", f"{r.foreign:,} messages not sent by this run, ignored")]
           if r.foreign else []),
     ]

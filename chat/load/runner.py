@@ -34,7 +34,7 @@ from chat.load.stats import (
     Window,
     make_body,
 )
-from chat.load.transport import Link, raw_link, stomp_link
+from chat.load.transport import Link, StalledLink, raw_link, stalled_link, stomp_link
 from chat.pki import PkiError
 
 CONNECT_CONCURRENCY = 16  # links opening at once: each is an ECDSA mTLS handshake on both sides
@@ -67,6 +67,7 @@ class LoadConfig:
     warmup: float
     server_pid: int | None
     raw: bool = False  # bare WebSocket messages, for benchmarks/baseline_server.py
+    stalled: int = 0  # extra subscribers that never read: slow consumers the server must evict
 
 
 async def run_load(config: LoadConfig) -> Report:
@@ -113,6 +114,8 @@ class _Run:
         self._all_reported = trio.Event()
         self._limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
         self._setup_deadline = 0.0
+        self._stalled: list[StalledLink] = []
+        self._evicted = 0
 
     @property
     def total(self) -> int:
@@ -125,6 +128,9 @@ class _Run:
             for index in range(self.total):
                 nursery.start_soon(self._connection, index)
             await self._all_reported.wait()
+            for index in range(self.config.stalled):
+                with trio.fail_after(SETUP_TIMEOUT):
+                    await nursery.start(self._stall, index)
             try:
                 report = await self._measure() if self._can_run() else None
             except LoadError as exc:  # raised outside the nursery, not inside a group
@@ -181,6 +187,27 @@ class _Run:
             return await stack.enter_async_context(self._dial(index, topic, subscriber))
         finally:
             self._limiter.release()
+
+    async def _stall(self, index: int, task_status: trio.TaskStatus[None]) -> None:
+        """One stalled subscriber on topic `index % topics`, held open until the run stops."""
+        identity = self.identities[index % len(self.identities)]
+        destination = f"{TOPIC_PREFIX}{index % self.config.topics}"
+        try:
+            async with stalled_link(self.config.url, identity, destination) as link:
+                self._stalled.append(link)
+                task_status.started()
+                await trio.sleep_forever()
+        except ClientError as exc:
+            raise LoadError(f"a stalled subscriber could not connect: {exc}") from None
+
+    async def _count_evicted(self) -> None:
+        async def check(link: StalledLink) -> None:
+            evicted = await link.evicted(DRAIN_TIMEOUT)  # not `+= await`: that reads first
+            self._evicted += evicted
+
+        async with trio.open_nursery() as nursery:
+            for link in self._stalled:
+                nursery.start_soon(check, link)
 
     def _join(self, topic: int, subscriber: bool) -> None:
         self.connected += 1
@@ -262,6 +289,7 @@ class _Run:
         await _sleep_until_ns(self.window.end)
         server_s, harness_s = _stop_meter(meter)
         await self._drain()
+        await self._count_evicted()
         return self._report(server_s, harness_s)
 
     async def _drain(self) -> None:
@@ -292,6 +320,7 @@ class _Run:
             server_cpu=None if server_s is None else CpuUse.of(server_s, window_s, in_window),
             harness_cpu=harness, harness_saturated=harness.saturated,
             stalls=sum(flow.stalls for flow in self.flows), foreign=tally.foreign,
+            stalled=c.stalled, evicted=self._evicted,
         )
 
 

@@ -234,3 +234,5 @@ class Report:
     harness_saturated: bool
     stalls: int
     foreign: int  # received messages this run did not send (another client on the topics)
+    stalled: int = 0  # subscribers that never read (--stalled)
+    evicted: int = 0  # of those, how many the server closed as slow consumers (1008)

@@ -19,6 +19,7 @@ import trio_websocket
 from chat.client.connection import StompClient, connect
 from chat.client.http import ClientError, ConnectionLost
 from chat.load.identities import Identity
+from chat.stomp import Frame, encode
 
 HEARTBEAT = (0, 0)  # no STOMP heart-beats: a run is short and its traffic proves liveness
 RAW_CLOSE_TIMEOUT = 2.0  # raw mode: the WebSocket close handshake when leaving
@@ -102,3 +103,51 @@ def _raw_errors() -> Iterator[None]:
         raise ClientError(f"WebSocket handshake failed: {exc!r}") from None
     except (OSError, trio.BrokenResourceError) as exc:
         raise ClientError(f"connection failed: {exc!r}") from None
+
+
+class StalledLink:
+    """A subscriber that stops reading once subscribed: it plays the slow consumer.
+
+    trio-websocket's reader holds one unread message and then stops reading the socket,
+    so the server's writes back up into its outbound buffer, as with a stalled device.
+    """
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def evicted(self, timeout: float) -> bool:
+        """Read what is left: True if the server has closed the connection.
+
+        This side never closes, so any close is the eviction: 1008 with an ERROR when the
+        close frame got through, 1006 when our full buffers left the server no way to say it.
+        """
+        with trio.move_on_after(timeout):
+            try:
+                while True:
+                    await self._ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                return True
+        return False
+
+
+@asynccontextmanager
+async def stalled_link(
+    ws_url: str, identity: Identity, destination: str
+) -> AsyncIterator[StalledLink]:
+    """Connect and subscribe by hand (the client library would never stop reading)."""
+    grant = identity.grant
+    assert grant is not None, "STOMP links need a token"
+    subprotocols = ["v12.stomp", f"bearer.{grant.token}"]
+    with _raw_errors():
+        async with trio_websocket.open_websocket_url(
+            ws_url, identity.context, subprotocols=subprotocols,
+            connect_timeout=RAW_CONNECT_TIMEOUT, disconnect_timeout=RAW_CLOSE_TIMEOUT,
+        ) as ws:
+            for frame in (Frame("CONNECT", (("accept-version", "1.2"), ("host", "chat"))),
+                          Frame("SUBSCRIBE", (("destination", destination), ("id", "stalled"),
+                                              ("receipt", "subscribed")))):
+                await ws.send_message(encode(frame).decode())
+                await ws.get_message()  # CONNECTED, then the RECEIPT: subscribed
+            yield StalledLink(ws)
