@@ -161,6 +161,24 @@ async def test_port_in_use(server: RunningServer, pki: TestPki, tmp_path: Path) 
     assert f"cannot listen on 127.0.0.1:{server.port}" in one_line_error(result)
 
 
+def test_inconsistent_limits_are_refused(tmp_path: Path, pki: TestPki) -> None:
+    line = one_line_error(
+        run(
+            "--port",
+            "0",
+            "--certs-dir",
+            str(pki.dir),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--max-frame-bytes",
+            "65536",
+            "--outbound-buffer-bytes",
+            "1000",
+        )
+    )
+    assert "outbound buffer (1000 bytes) must hold" in line
+
+
 def test_revoke_and_unrevoke(tmp_path: Path) -> None:
     state = str(tmp_path / "state")
     (tmp_path / "state").mkdir()

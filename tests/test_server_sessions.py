@@ -90,7 +90,7 @@ async def test_no_connect_frame_in_time(start_server, pki: TestPki) -> None:
 
 
 async def test_slow_consumer_is_evicted_without_hurting_others(start_server, pki) -> None:
-    server = await start_server(outbound_buffer_bytes=64 * 1024)
+    server = await start_server(outbound_buffer_bytes=64 * 1024, max_frame_bytes=16 * 1024)
     async with (
         stomp_peer(server, pki, "bob") as stalled,
         stomp_peer(server, pki, "carol") as ok,

@@ -15,7 +15,7 @@ import trio
 
 from chat import pki
 from chat.server.app import ChatServer
-from chat.server.config import DEFAULT_PORT, ServerConfig
+from chat.server.config import DEFAULT_PORT, ConfigError, ServerConfig
 from chat.state import StateStore
 from chat.tokens import KeyStore, TokenConfigError
 
@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMANDS.get(argv[0]) if argv else None
     try:
         return command(argv[1:]) if command else _run_server(argv)
-    except (UsageError, pki.PkiError, TokenConfigError) as exc:
+    except (UsageError, ConfigError, pki.PkiError, TokenConfigError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

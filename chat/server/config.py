@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_PORT = 8443
+# The outbound buffer must hold a couple of the largest frames, or healthy readers get evicted.
+MIN_BUFFER_FRAMES = 2
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work together; the CLI prints it as one line and exits 2."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,15 @@ class ServerConfig:
     retention_count: int = 1000  # messages kept per topic for resume
     retention_age: float = 7 * 86400.0  # seconds a message is kept for resume
     revocation_poll: float = 1.0  # how often live sessions are re-checked against revocations
+
+    def __post_init__(self) -> None:
+        if self.outbound_buffer_bytes < MIN_BUFFER_FRAMES * self.max_frame_bytes:
+            raise ConfigError(
+                f"outbound buffer ({self.outbound_buffer_bytes} bytes) must hold at least "
+                f"{MIN_BUFFER_FRAMES} frames of the largest size ({self.max_frame_bytes} bytes)"
+            )
+        if self.history not in ("sqlite", "memory"):
+            raise ConfigError(f"history must be sqlite or memory, not {self.history!r}")
 
     def cert_path(self) -> Path:
         return self.cert or self.certs_dir / "server.crt"
