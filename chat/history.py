@@ -31,22 +31,20 @@ use). Pure module: no trio.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from chat.sqlite import open_private
+
 EPOCH_BYTES = 6  # 12 hex characters: an epoch only has to differ from its topic's earlier ones
-HISTORY_FILE_MODE = 0o600  # message bodies: owner only (SQLite gives -wal/-shm the same mode)
-HISTORY_DIR_MODE = 0o700
-BUSY_TIMEOUT_MS = 5000  # an operator's reader may briefly hold the file
 CLEAN_KEY = "clean_shutdown"  # meta row: "1" only between close() and the next open
 
 _SCHEMA = (
@@ -140,13 +138,6 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file owner-only before SQLite opens it."""
-    path.parent.mkdir(mode=HISTORY_DIR_MODE, parents=True, exist_ok=True)
-    with suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, HISTORY_FILE_MODE))
-
-
 def _headers_json(headers: tuple[tuple[str, str], ...]) -> str:
     return json.dumps(headers) if headers else "[]"
 
@@ -175,11 +166,7 @@ class SqliteBackend:
     @classmethod
     def open(cls, path: Path) -> SqliteBackend:
         """Open (or create, mode 0600) the history file in WAL mode with its schema."""
-        _create_private(path)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")  # a RECEIPT promises the message survives a crash
+        db = open_private(path)
         backend = cls(db)
         with backend._transaction():
             for statement in _SCHEMA:

@@ -12,14 +12,14 @@ processes serialize instead of failing half-way. Pure module: no trio.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 from chat.errors import HttpRefusal
+from chat.sqlite import open_private
 from chat.tokens import (
     Claims,
     IdentityRevoked,
@@ -32,11 +32,8 @@ from chat.tokens import (
 REFRESH_TOKEN_BYTES = 32  # 256 random bits: unguessable, so an unsalted SHA-256 suffices
 FAMILY_ID_BYTES = 16  # a family id is not a secret; it only has to be unique
 MAX_REFRESH_CHARS = 256  # ours are 43 characters; anything far longer is not one of ours
-BUSY_TIMEOUT_MS = 5000  # how long a write waits for the other process's transaction
 # A revoked jti row outlives its token's exp by this much: verifiers accept exp + clock leeway.
 JTI_RETENTION_MARGIN = 300.0
-STATE_FILE_MODE = 0o600  # refresh hashes and revocations: owner only
-STATE_DIR_MODE = 0o700
 VERSION_KEY = "revocation_version"
 
 _SCHEMA = (
@@ -63,13 +60,6 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file owner-only; SQLite gives its -wal/-shm files the same mode."""
-    path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
-    with suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, STATE_FILE_MODE))
-
-
 class StateStore:
     """Refresh tokens and revocations in one SQLite file, safe to share between processes."""
 
@@ -79,11 +69,7 @@ class StateStore:
     @classmethod
     def open(cls, path: Path) -> StateStore:
         """Open (or create) the state file in WAL mode with its schema."""
-        _create_private(path)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")  # a revocation must survive a power cut
+        db = open_private(path)
         store = cls(db)
         with store._write():
             for statement in _SCHEMA:
