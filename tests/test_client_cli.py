@@ -23,7 +23,8 @@ import pytest
 import trio
 
 from chat import pki as pki_module
-from chat.client.connection import StompClient, open_chat
+from chat.client.auth import open_chat
+from chat.client.connection import StompClient
 from tests.conftest import RunningServer, TestPki
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,13 +23,13 @@ from trio_websocket import (
 )
 
 from chat import pki as pki_module
+from chat.client.auth import open_chat
 from chat.client.connection import (
     ConnectionLost,
     Message,
     StompClient,
     StompError,
     connect,
-    open_chat,
 )
 from chat.client.http import (
     BadResponse,

@@ -2,6 +2,8 @@
 
 Every error is one line on stderr starting with "chat-client: " and exit status 2, never
 a traceback. Ctrl-C, Ctrl-D and /quit leave cleanly (DISCONNECT, wait for its RECEIPT).
+Interactive and --listen sessions reconnect by themselves and resume where they left off;
+--send is one-shot (it only retries a server that is unreachable at first).
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from typing import NoReturn
 
 import trio
 
-from chat.client.connection import ClientError, Message, StompClient, open_chat
-from chat.client.http import TlsFailure
+from chat.client.auth import default_token_file, open_chat
+from chat.client.connection import ClientError, Message
+from chat.client.http import TlsFailure, TokenRefused
+from chat.client.resilient import ResilientSession, open_session
 from chat.client.terminal import (
     ChatSession,
     Console,
+    describe,
     first_of,
     format_message,
     room_destination,
@@ -40,6 +45,16 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT: a --send cut short may not have been del
 DEFAULT_URL = "wss://127.0.0.1:8443/ws"  # chat-server's default listener
 DEFAULT_ROOM = "lobby"
 DEFAULT_HEARTBEAT_MS = 10_000  # the server's own offer (PROTOCOL.md §5)
+SEND_ATTEMPTS = 4  # --send: tries while the server is unreachable, then the error
+
+# What to do about a refused token (PROTOCOL.md §2, §7), added to the error line.
+_REFUSAL_HINTS = {
+    "identity_revoked": "the server's operator has revoked this certificate's identity; "
+    "ask them to reinstate it (chat-server unrevoke --sub NAME)",
+    "token_revoked": "the server's operator has revoked this token; ask them why",
+    "token_expired": "a token fresh from the server was already expired there: check this "
+    "computer's clock",
+}
 
 DESCRIPTION = """\
 Chat over STOMP 1.2 / WebSocket / mutual TLS. Your certificate is your identity: the
@@ -47,7 +62,11 @@ client fetches an access token with it (POST /auth/token), connects, and joins a
 
 Interactive (the default): typed lines go to the current room; /join ROOM, /leave [ROOM],
 /rooms, /help, /quit. Incoming messages show time, room and sender; lines starting
-with * are status lines. Ctrl-D or Ctrl-C leave.
+with * are status lines. Ctrl-D or Ctrl-C leave. A lost connection is retried by itself
+("* reconnecting...", "* back online"), and what was missed meanwhile is shown in order.
+
+The refresh token that saves a new token request on each start is kept beside the
+certificate (certs/alice.refresh, mode 0600) or at --token-file.
 
 Rooms are topic names: lobby, dev.backend, ... ; /join (and --listen) also take the
 wildcards * (one segment: dev.*) and # (any number of segments: dev.#), to listen.
@@ -79,6 +98,7 @@ class Options:
     key: Path
     ca: Path
     passphrase: bytes | None = field(repr=False)
+    token_file: Path
     heartbeat_ms: int
     room: str
     send: tuple[str, str] | None  # (room, text)
@@ -93,10 +113,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = parse_options(argv)
         return trio.run(_run, options)
     except (ClientError, PkiError, UsageError, InvalidDestination) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {_explained(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:  # before the signal handlers are in place
         return EXIT_INTERRUPTED
+
+
+def _explained(exc: Exception) -> str:
+    """The error's line, with what to do about it when we know."""
+    hint = _REFUSAL_HINTS.get(exc.code) if isinstance(exc, TokenRefused) else None
+    return f"{exc}; {hint}" if hint else str(exc)
+
+
+def _notice(text: str) -> None:
+    """A token warning the user should see: one line on stderr."""
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def _status(text: str) -> None:
+    """A status line of a --listen run: on stderr, so stdout stays the messages only."""
+    print(f"* {text}", file=sys.stderr, flush=True)
 
 
 def parse_options(argv: Sequence[str] | None) -> Options:
@@ -116,6 +152,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         key=key,
         ca=ca,
         passphrase=_passphrase(args.passphrase_env),
+        token_file=args.token_file or default_token_file(cert),
         heartbeat_ms=args.heartbeat,
         room=args.room,
         send=tuple(args.send) if args.send is not None else None,
@@ -144,6 +181,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--passphrase-env", metavar="VAR",
         help="the key is encrypted: its passphrase is in environment variable VAR",
+    )
+    parser.add_argument(
+        "--token-file", type=Path, metavar="FILE",
+        help="where to keep the refresh token between runs, owner-only (default: the "
+        "certificate's name with .refresh, beside it)",
     )
     parser.add_argument(
         "--url", default=DEFAULT_URL, metavar="URL",
@@ -269,32 +311,55 @@ async def _run(options: Options) -> int:
 async def _connected(options: Options, interrupts: _Interrupts) -> None:
     heartbeat = (options.heartbeat_ms, options.heartbeat_ms)
     with interrupts.stoppable():
-        async with open_chat(
+        if options.send is not None:
+            await _send(options, interrupts, heartbeat, *options.send)
+            return
+        async with open_session(
             options.url, options.cert, options.key, options.ca,
-            passphrase=options.passphrase, heartbeat=heartbeat,
-        ) as client:
+            passphrase=options.passphrase, token_file=options.token_file, on_notice=_notice,
+            heartbeat=heartbeat,
+        ) as session:
             with interrupts.stoppable():
-                await _mode(options, client)
+                await _mode(options, session)
 
 
-async def _mode(options: Options, client: StompClient) -> None:
-    if options.send is not None:
-        room, text = options.send
-        await client.send(room_destination(room, wildcards=False), text)
-    elif options.listen is not None:
-        await _listen(client, options.listen, options.json, options.count)
+async def _send(
+    options: Options, interrupts: _Interrupts, heartbeat: tuple[int, int], room: str, text: str
+) -> None:
+    """One-shot: connect (retrying an unreachable server a few times), send, wait for the
+    RECEIPT that says the server stored it."""
+    async with open_chat(
+        options.url, options.cert, options.key, options.ca,
+        passphrase=options.passphrase, token_file=options.token_file, on_notice=_notice,
+        heartbeat=heartbeat, attempts=SEND_ATTEMPTS,
+    ) as client:
+        with interrupts.stoppable():
+            await client.send(room_destination(room, wildcards=False), text)
+
+
+async def _mode(options: Options, session: ResilientSession) -> None:
+    if options.listen is not None:
+        await _listen(session, options.listen, options.json, options.count)
     else:
         with Console.open() as console:
-            await ChatSession(client, console).run(options.room)
+            await ChatSession(session, console).run(options.room)
 
 
-async def _listen(client: StompClient, room: str, as_json: bool, count: int | None) -> None:
-    """Print each message in `room` (one JSON object per line with `as_json`), flushed."""
-    await client.subscribe(room_destination(room, wildcards=True))
-    print(f"* listening on {room}", file=sys.stderr, flush=True)
+async def _listen(
+    session: ResilientSession, room: str, as_json: bool, count: int | None
+) -> None:
+    """Print each message in `room` (one JSON object per line with `as_json`), flushed;
+    status lines (reconnecting, back online) go to stderr."""
+    await session.subscribe(room_destination(room, wildcards=True))
+    _status(f"listening on {room}")
     received = 0
-    async for message in client:
-        line = _json_line(message) if as_json else format_message(message)
+    async for event in session:
+        if not isinstance(event, Message):
+            status = describe(event)
+            if status is not None:
+                _status(status)
+            continue
+        line = _json_line(event) if as_json else format_message(event)
         try:
             print(line, flush=True)
         except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to do

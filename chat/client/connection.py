@@ -6,7 +6,7 @@ sends CONNECT and waits for CONNECTED, all under one deadline. Then the connecti
 nursery owns its tasks: the reader (always reading, so trio-websocket keeps answering
 pings; it routes MESSAGE to a bounded channel, RECEIPT to the task waiting for it, ERROR
 to the failure), the heart-beat sender and the silence watchdog, and the token renewal
-`open_chat()` adds. The first failure is sticky: every later call raises it, after
+`keep_authorized()` adds. The first failure is sticky: every later call raises it, after
 `receive()` has handed out the messages that arrived before it. Leaving the context
 sends DISCONNECT, waits (bounded) for its RECEIPT and closes with 1000.
 """
@@ -20,7 +20,6 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import trio
@@ -28,7 +27,6 @@ import trio_websocket
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 from chat.client.http import (
-    HTTP_SCHEMES,
     WS_SCHEMES,
     BadResponse,
     ClientError,
@@ -38,14 +36,11 @@ from chat.client.http import (
     ServerUrl,
     TokenGrant,
     WatchedStream,
-    fetch_token,
     open_tls_stream,
     parse_url,
-    refresh_token,
     refusal,
 )
 from chat.errors import CloseCode, MalformedFrame, StompProtocolError
-from chat.pki import client_ssl_context
 from chat.stomp import (
     HEARTBEAT,
     SERVER_COMMANDS,
@@ -62,17 +57,19 @@ __all__ = [
     "ConnectionLost",
     "FellBehind",
     "Message",
+    "Position",
     "ReceiptTimeout",
     "ServerProtocolError",
     "StompClient",
     "StompError",
     "connect",
-    "open_chat",
+    "sole_exception",
 ]
 
 STOMP_SUBPROTOCOL = "v12.stomp"  # PROTOCOL.md §2: the only version we speak
 BEARER_PREFIX = "bearer."  # PROTOCOL.md §2: the token rides in Sec-WebSocket-Protocol
 TOKEN_DESTINATION = "/session/token"  # PROTOCOL.md §7: in-band token renewal
+TEXT_PLAIN = "text/plain;charset=utf-8"  # what send() says a str body is
 HANDSHAKE_TIMEOUT = 10.0  # TLS + upgrade + CONNECTED: a live server answers in milliseconds
 RECEIPT_TIMEOUT = 10.0  # a RECEIPT means "stored"; a server this slow is stuck
 CLOSE_TIMEOUT = 2.0  # DISCONNECT's RECEIPT, then the close handshake, when leaving
@@ -124,8 +121,24 @@ class ReceiptTimeout(ClientError):
 
 
 @dataclass(frozen=True, slots=True)
+class Position:
+    """Where a message sits in its topic's history (PROTOCOL.md §8): resume after it."""
+
+    epoch: str  # opaque; a new one means the topic's history was lost
+    offset: int  # 1, 2, ... per topic
+
+    @classmethod
+    def of(cls, frame: Frame) -> Position | None:
+        """The MESSAGE's `epoch` and `offset`, or None from a server that keeps no history."""
+        epoch, offset = frame.get("epoch"), frame.get("offset")
+        if epoch is None or offset is None:
+            return None
+        return cls(epoch, _number(offset, "offset"))
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
-    """One MESSAGE frame as delivered to a subscription (PROTOCOL.md §4)."""
+    """One MESSAGE frame as delivered to a subscription (PROTOCOL.md §4, §8)."""
 
     destination: str
     subscription: str
@@ -134,6 +147,7 @@ class Message:
     timestamp: int  # server milliseconds since the epoch
     body: bytes
     headers: tuple[tuple[str, str], ...]
+    position: Position | None = None  # None when the server keeps no history
 
     @property
     def text(self) -> str:
@@ -141,18 +155,22 @@ class Message:
 
     @classmethod
     def of(cls, frame: Frame) -> Message:
-        stamp = frame.require("timestamp")
-        if not stamp.isascii() or not stamp.isdigit():
-            raise MalformedFrame(f"MESSAGE timestamp {stamp[:20]!r} is not a number")
         return cls(
             frame.require("destination"),
             frame.require("subscription"),
             frame.require("message-id"),
             frame.require("sender"),
-            int(stamp),
+            _number(frame.require("timestamp"), "timestamp"),
             frame.body,
             frame.headers,
+            Position.of(frame),
         )
+
+
+def _number(value: str, name: str) -> int:
+    if not value.isascii() or not value.isdigit():
+        raise MalformedFrame(f"MESSAGE {name} {value[:20]!r} is not a number")
+    return int(value)
 
 
 class StompClient:
@@ -177,10 +195,12 @@ class StompClient:
         self._transport = transport
         self._parser = parser
         self._inbox_in, self._inbox = trio.open_memory_channel[Message](MAX_UNREAD_MESSAGES)
-        self._receipts: dict[str, trio.Event] = {}
+        self._receipts: dict[str, trio.Event] = {}  # receipt id -> set when answered or failed
+        self._answers: dict[str, Frame] = {}  # receipt id -> its RECEIPT, until taken
         self._ids = itertools.count(1)
         self._failure: ClientError | None = None
         self._closing = False
+        self._disconnected = trio.Event()  # set once disconnect() is done
         self._nursery: trio.Nursery | None = None
         self._routes: dict[str, Callable[[Frame], None]] = {
             "MESSAGE": self._on_message,
@@ -189,6 +209,11 @@ class StompClient:
         }
 
     # ------------------------------------------------------------ public API
+
+    @property
+    def failure(self) -> ClientError | None:
+        """Why the link ended (sticky), or None while it is up."""
+        return self._failure
 
     async def subscribe(
         self,
@@ -203,6 +228,20 @@ class StompClient:
         await self._request(Frame("SUBSCRIBE", (*own, *headers)), receipt)
         return sub_id
 
+    async def subscribe_since(self, destination: str, position: Position) -> tuple[str, bool]:
+        """Subscribe to an exact topic after `position`: the server replays what followed it.
+
+        Returns (subscription id, recovered) once the RECEIPT came: `recovered` is False when
+        the epoch changed or messages after `position` are gone (PROTOCOL.md §8).
+        """
+        sub_id = f"sub-{next(self._ids)}"
+        frame = Frame("SUBSCRIBE", (
+            ("destination", destination), ("id", sub_id), ("ack", "auto"),
+            ("since-offset", str(position.offset)), ("epoch", position.epoch),
+        ))
+        receipt = await self._request(frame, receipt=True)
+        return sub_id, receipt is not None and receipt.get("recovered") == "true"
+
     async def unsubscribe(self, sub_id: str, *, receipt: bool = True) -> None:
         await self._request(Frame("UNSUBSCRIBE", (("id", sub_id),)), receipt)
 
@@ -212,7 +251,7 @@ class StompClient:
         body: str | bytes,
         *,
         receipt: bool = True,
-        content_type: str = "text/plain;charset=utf-8",
+        content_type: str = TEXT_PLAIN,
         headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         """SEND; with `receipt`, return once the server has stored it (PROTOCOL.md §8)."""
@@ -249,17 +288,23 @@ class StompClient:
             raise
 
     async def disconnect(self) -> None:
-        """DISCONNECT, wait (bounded) for its RECEIPT, close with 1000. Idempotent."""
+        """DISCONNECT, wait (bounded) for its RECEIPT, close with 1000. Idempotent: a call
+        made while another is under way returns when that one is done (leaving earlier
+        would tear the connection down under its close handshake)."""
         if self._closing:
+            await self._disconnected.wait()
             return
         self._closing = True
-        if self._failure is None:
-            # the link is going away either way: a failure here changes nothing
-            with trio.move_on_after(CLOSE_TIMEOUT), suppress(ClientError):
-                await self._request(Frame("DISCONNECT"), receipt=True)
-        self._fail(ConnectionLost("disconnected", CloseCode.NORMAL))
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            await self._ws.aclose(CloseCode.NORMAL)
+        try:
+            if self._failure is None:
+                # the link is going away either way: a failure here changes nothing
+                with trio.move_on_after(CLOSE_TIMEOUT), suppress(ClientError):
+                    await self._request(Frame("DISCONNECT"), receipt=True)
+            self._fail(ConnectionLost("disconnected", CloseCode.NORMAL))
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self._ws.aclose(CloseCode.NORMAL)
+        finally:
+            self._disconnected.set()
 
     async def _leave(self, cancelled: bool) -> None:
         """Leaving the context: disconnect(), or, when cancelled from outside (our reader is
@@ -268,8 +313,11 @@ class StompClient:
             await self.disconnect()
         elif not self._closing and self._failure is None:
             self._closing = True
-            with trio.move_on_after(CLOSE_TIMEOUT), suppress(ClientError):
-                await self._write(Frame("DISCONNECT"))
+            try:
+                with trio.move_on_after(CLOSE_TIMEOUT), suppress(ClientError):
+                    await self._write(Frame("DISCONNECT"))
+            finally:
+                self._disconnected.set()
 
     def keep_authorized(
         self, renew: Callable[[], Awaitable[TokenGrant]], expires_in: float
@@ -284,13 +332,13 @@ class StompClient:
 
     # ------------------------------------------------------------ frames out
 
-    async def _request(self, frame: Frame, receipt: bool) -> None:
+    async def _request(self, frame: Frame, receipt: bool) -> Frame | None:
         """Write `frame`; with `receipt`, wait for its RECEIPT (bounded) or the link's failure."""
         if self._failure is not None:
             raise self._failure
         if not receipt:
             await self._write(frame)
-            return
+            return None
         receipt_id = f"r-{next(self._ids)}"
         done = self._receipts[receipt_id] = trio.Event()
         try:
@@ -299,11 +347,13 @@ class StompClient:
             with trio.move_on_after(RECEIPT_TIMEOUT):
                 await done.wait()
         finally:
-            pending = self._receipts.pop(receipt_id, None) is not None
-        if pending:
+            self._receipts.pop(receipt_id, None)
+            answer = self._answers.pop(receipt_id, None)
+        if answer is None:
             raise self._failure or ReceiptTimeout(
                 f"no RECEIPT for {frame.command} within {RECEIPT_TIMEOUT:g} s"
             )
+        return answer
 
     async def _write(self, frame: Frame) -> None:
         try:
@@ -360,8 +410,10 @@ class StompClient:
             pass  # already failed (e.g. ERROR): later frames have nowhere to go
 
     def _on_receipt(self, frame: Frame) -> None:
-        done = self._receipts.pop(frame.require("receipt-id"), None)
+        receipt_id = frame.require("receipt-id")
+        done = self._receipts.pop(receipt_id, None)
         if done is not None:
+            self._answers[receipt_id] = frame
             done.set()
 
     def _on_error(self, frame: Frame) -> None:
@@ -474,7 +526,7 @@ async def connect(
         async with _connection(url, ssl_context, token, heartbeat, host) as client:
             yield client
     except BaseExceptionGroup as group:  # the connection's nursery wraps what the body raised
-        leaf = _sole(group)
+        leaf = sole_exception(group)
         if leaf is None:
             raise
         raise leaf from leaf.__cause__
@@ -582,6 +634,8 @@ async def _upgrade(
         race.cancel_scope.cancel()
     if ws is None:
         raise transport.failure or BadResponse(f"{url.endpoint} broke off the WebSocket handshake")
+    if ws.subprotocol != STOMP_SUBPROTOCOL:  # never named: it could be our bearer entry
+        raise BadResponse(f"{url.endpoint} did not select the {STOMP_SUBPROTOCOL} subprotocol")
     return ws
 
 
@@ -629,58 +683,6 @@ def _rejection(exc: ConnectionRejected) -> ClientError:
     return refusal(exc.status_code, payload if isinstance(payload, dict) else {})
 
 
-def _sole(group: BaseExceptionGroup) -> BaseException | None:
+def sole_exception(group: BaseExceptionGroup) -> BaseException | None:
     """The one exception a nursery wrapped, if it wrapped exactly one."""
     return group.exceptions[0] if len(group.exceptions) == 1 else None
-
-
-# ---------------------------------------------------------------- the convenient way in
-
-
-def server_urls(url: str) -> tuple[str, str]:
-    """(https base URL, wss URL) from either: the token endpoints and /ws share one listener."""
-    if url.startswith("https://"):
-        parsed = parse_url(url, HTTP_SCHEMES)
-        return f"https://{parsed.endpoint}", f"wss://{parsed.endpoint}/ws"
-    parsed = parse_url(url, WS_SCHEMES)
-    return f"https://{parsed.endpoint}", url
-
-
-class _Refresher:
-    """Fetches fresh grants, spending each refresh token once (PROTOCOL.md §7)."""
-
-    def __init__(self, base_url: str, ssl_context: ssl.SSLContext, grant: TokenGrant) -> None:
-        self._base_url = base_url
-        self._ssl_context = ssl_context
-        self._refresh = grant.refresh_token
-
-    async def __call__(self) -> TokenGrant:
-        if self._refresh is None:
-            grant = await fetch_token(self._base_url, self._ssl_context)
-        else:
-            grant = await refresh_token(self._base_url, self._ssl_context, self._refresh)
-        self._refresh = grant.refresh_token
-        return grant
-
-
-@asynccontextmanager
-async def open_chat(
-    url: str,
-    cert: Path,
-    key: Path,
-    ca: Path,
-    *,
-    passphrase: bytes | None = None,
-    heartbeat: tuple[int, int] = (10000, 10000),
-) -> AsyncIterator[StompClient]:
-    """Certificate files to a connected client: TLS context, token, connect, keep authorized.
-
-    `url` is the wss:// STOMP URL or the https:// base URL. Raises `PkiError` for unusable
-    certificate files and `ClientError` for everything on the network.
-    """
-    base_url, ws_url = server_urls(url)
-    ssl_context = client_ssl_context(cert, key, ca, passphrase)
-    grant = await fetch_token(base_url, ssl_context)
-    async with connect(ws_url, ssl_context, grant.access_token, heartbeat=heartbeat) as client:
-        client.keep_authorized(_Refresher(base_url, ssl_context, grant), grant.expires_in)
-        yield client

@@ -69,6 +69,16 @@ class TlsFailure(ClientError):
         self.rejected_by_server = rejected_by_server
 
 
+class SilentRefusal(TlsFailure):
+    """The server hung up around the TLS handshake without a word (see `silent_refusal()`).
+
+    Most likely it refused our certificate, but a server shutting down looks the same.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, rejected_by_server=True)
+
+
 class TokenRefused(ClientError):
     """The server refused a token request or a WebSocket handshake (status + JSON code)."""
 
@@ -182,17 +192,16 @@ def _tls_failure(exc: ssl.SSLError, endpoint: Endpoint) -> TlsFailure:
     return TlsFailure(f"{prefix}: {exc.reason or exc}", rejected_by_server=False)
 
 
-def silent_refusal(endpoint: Endpoint) -> TlsFailure:
+def silent_refusal(endpoint: Endpoint) -> SilentRefusal:
     """The server hung up during or right after the handshake without a word.
 
     A server built on trio (like ours) drops the TLS alert when it refuses a client
     certificate, and with TLS 1.3 the client's side of the handshake has already
     finished by then: a close before any answer is the only sign we get.
     """
-    return TlsFailure(
+    return SilentRefusal(
         f"TLS handshake with {endpoint} failed: the server closed the connection without "
-        "answering; it most likely rejected our client certificate",
-        rejected_by_server=True,
+        "answering; it most likely rejected our client certificate"
     )
 
 

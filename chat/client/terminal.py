@@ -21,7 +21,15 @@ from typing import TextIO
 
 import trio
 
-from chat.client.connection import Message, StompClient
+from chat.client.connection import Message
+from chat.client.resilient import (
+    Event,
+    NotDelivered,
+    Online,
+    Reconnecting,
+    Recovered,
+    ResilientSession,
+)
 from chat.errors import InvalidDestination
 from chat.topics import ANY, ONE, TOPIC_PREFIX, parse_destination
 
@@ -74,6 +82,21 @@ def format_message(message: Message) -> str:
     clock = time.strftime("%H:%M:%S", time.localtime(message.timestamp / 1000))
     room = printable(room_of(message.destination))
     return f"{clock} [{room}] {printable(message.sender)}: {printable(message.text)}"
+
+
+def describe(event: Event) -> str | None:
+    """The status line for a session event worth showing (without the `* `), else None."""
+    if isinstance(event, Reconnecting):
+        return (
+            f"reconnecting\N{HORIZONTAL ELLIPSIS} (attempt {event.attempt}, next try in "
+            f"{event.delay:.1f} s): {printable(event.reason)}"
+        )
+    if isinstance(event, Online) and not event.first:
+        return "back online"
+    if isinstance(event, Recovered) and not event.ok:
+        room = printable(room_of(event.destination))
+        return f"{room}: messages sent while you were away may be missing"
+    return None
 
 
 # ---------------------------------------------------------------- concurrency
@@ -187,10 +210,10 @@ class Console:
 class ChatSession:
     """One interactive chat: the rooms joined, the current room, the commands."""
 
-    def __init__(self, client: StompClient, console: Console) -> None:
-        self._client = client
+    def __init__(self, session: ResilientSession, console: Console) -> None:
+        self._session = session
         self._console = console
-        self._rooms: dict[str, str] = {}  # room -> subscription id, in the order joined
+        self._rooms: list[str] = []  # in the order joined
         self._current: str | None = None
         self._commands: dict[str, Callable[[list[str]], Awaitable[bool]]] = {
             "/join": self._join,
@@ -202,16 +225,21 @@ class ChatSession:
 
     async def run(self, room: str) -> None:
         """Join `room`, then chat until /quit, end of input, or a ClientError (raised)."""
-        client = self._client
+        session = self._session
         self._console.status(
-            f"connected as {client.user_name} (session {client.session}); /help lists commands"
+            f"connected as {session.user_name} (session {session.session}); /help lists commands"
         )
         await self._join([room])
         await first_of(self._incoming, self._typing)
 
     async def _incoming(self) -> None:
-        async for message in self._client:
-            self._console.show(format_message(message))
+        async for event in self._session:
+            if isinstance(event, Message):
+                self._console.show(format_message(event))
+                continue
+            status = describe(event)
+            if status is not None:
+                self._console.status(status)
 
     async def _typing(self) -> None:
         while True:
@@ -241,7 +269,10 @@ class ChatSession:
         elif is_wildcard(room):
             self._console.status(f"{room} is a wildcard room, for listening; /join a plain room")
         else:
-            await self._client.send(room_destination(room, wildcards=False), text)
+            try:
+                await self._session.send(room_destination(room, wildcards=False), text)
+            except NotDelivered as exc:
+                self._console.status(f"not delivered: {printable(text)!r}: {exc}")
 
     async def _join(self, args: list[str]) -> bool:
         if len(args) != 1:
@@ -257,7 +288,8 @@ class ChatSession:
         except InvalidDestination as exc:
             self._console.status(str(exc))
             return True
-        self._rooms[room] = await self._client.subscribe(destination)
+        await self._session.subscribe(destination)
+        self._rooms.append(room)
         self._current = room
         self._console.status(f"joined {room}")
         return True
@@ -270,9 +302,10 @@ class ChatSession:
         if room is None or room not in self._rooms:
             self._console.status(f"you are not in {room}" if room else "you are in no room")
             return True
-        await self._client.unsubscribe(self._rooms.pop(room))
+        self._rooms.remove(room)
+        await self._session.unsubscribe(room_destination(room, wildcards=True))
         if self._current == room:
-            self._current = next(reversed(self._rooms), None)
+            self._current = self._rooms[-1] if self._rooms else None
         now = f"; now talking in {self._current}" if self._current else ""
         self._console.status(f"left {room}{now}")
         return True

@@ -1,0 +1,511 @@
+"""A chat session that outlives its connections: reconnect, resubscribe, resume, exactly once.
+
+How this works: a supervisor task owns the current link (a `StompClient` from
+`connect_authorized()`, so every link starts with a fresh token). While a link is up, a
+pump task moves its messages to the session's one event channel, skipping any already
+delivered: each MESSAGE carries its topic's `epoch` and `offset` (PROTOCOL.md §8), and the
+session remembers the last position it delivered per topic. When the link dies (a close,
+1001 when the server shuts down; an ERROR such as `slow consumer`; silence past the
+heart-beat deadline), the supervisor emits `Reconnecting`, sleeps a full-jitter backoff,
+connects again, emits `Online` and resubscribes every room: an exact topic from its last
+position (`since-offset`, `epoch`), so the server replays what was missed, each room then
+reported by `Recovered`. Rooms with a position are resubscribed first, so that no live
+copy arriving through a wildcard room can overtake their replay.
+
+Sends are never resent once a link died under them: see `ResilientSession.send()`. The
+application must keep taking events; a full channel makes the session wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from chat.client.auth import (
+    Notice,
+    TokenSource,
+    connect_authorized,
+    gave_up,
+    server_urls,
+    token_store,
+)
+from chat.client.backoff import DEFAULT_BACKOFF, Backoff
+from chat.client.connection import (
+    CLOSE_TIMEOUT,
+    TEXT_PLAIN,
+    Message,
+    Position,
+    ReceiptTimeout,
+    StompClient,
+    StompError,
+    sole_exception,
+)
+from chat.client.http import (
+    ClientError,
+    ConnectionLost,
+    ServerUnreachable,
+    SilentRefusal,
+    TokenGrant,
+)
+from chat.pki import client_ssl_context
+
+__all__ = [
+    "Event",
+    "NotDelivered",
+    "Online",
+    "Reconnecting",
+    "Recovered",
+    "Resilience",
+    "ResilientSession",
+    "connect_resilient",
+    "open_session",
+]
+
+log = logging.getLogger("chat.client")
+
+SEND_TIMEOUT = 30.0  # send() while offline waits this long for the link to come back
+START_ATTEMPTS = 4  # an unreachable server at start is tried this often, then reported
+STABLE_LINK = 10.0  # a link that stayed up this long ends a bad spell: backoff starts over
+MAX_UNREAD_EVENTS = 4096  # events not yet taken by the application; beyond, the session waits
+
+# What a new connection may cure once the session has been online: a server restarting,
+# shutting down or shedding load. Anything else (a refused token or certificate, a server
+# we do not trust) would fail the same way again, so it ends the session.
+_TRANSIENT: tuple[type[ClientError], ...] = (
+    ServerUnreachable, ConnectionLost, StompError, ReceiptTimeout, SilentRefusal,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Online:
+    """Connected (`first`: the session's first link); rooms are being resubscribed."""
+
+    session: str
+    first: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnecting:
+    """The link is down: try number `attempt` comes in `delay` seconds."""
+
+    attempt: int
+    delay: float
+    reason: str  # why the link died, or why the previous try failed
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """A room resubscribed after a reconnect. `ok` is False when messages sent meanwhile may
+    be missing: the history was lost or expired, the room is a wildcard (not resumable), or
+    no message had been seen in it yet (nothing to resume from)."""
+
+    destination: str
+    ok: bool
+
+
+Event = Message | Online | Reconnecting | Recovered
+
+
+class NotDelivered(ClientError):
+    """A send the server did not confirm. It is never resent by the session.
+
+    `maybe_delivered`: the frame went out before the link died, so the server may have
+    published it and resending could duplicate it; the caller decides. False: it never
+    left (the link did not come back within the send timeout).
+    """
+
+    def __init__(self, message: str, *, maybe_delivered: bool) -> None:
+        super().__init__(message)
+        self.maybe_delivered = maybe_delivered
+
+
+@dataclass(frozen=True, slots=True)
+class Resilience:
+    """How hard a session tries: reconnect delays, send wait, tries at start."""
+
+    backoff: Backoff = DEFAULT_BACKOFF
+    send_timeout: float = SEND_TIMEOUT
+    start_attempts: int = START_ATTEMPTS
+
+
+DEFAULT_RESILIENCE = Resilience()
+
+
+@dataclass(eq=False, slots=True)
+class _Link:
+    """One live connection and what is subscribed on it (owned by the supervisor)."""
+
+    client: StompClient
+    subs: dict[str, str] = field(default_factory=dict)  # destination -> subscription id
+    left: set[str] = field(default_factory=set)  # ids unsubscribed: late messages are dropped
+    ready: bool = False  # every room resubscribed: sends may go
+
+
+class ResilientSession:
+    """A chat session across reconnects, made by `connect_resilient()` or `open_session()`.
+
+    Iterate it for `Event`s; `subscribe`, `unsubscribe` and `send` may be called from any
+    task. `user_name` and `session` come from the latest CONNECTED. A failure no reconnect
+    can cure (a refused certificate or token) ends the iteration and every later call.
+    """
+
+    def __init__(
+        self,
+        ws_url: str,
+        ssl_context: ssl.SSLContext,
+        tokens: TokenSource,
+        heartbeat: tuple[int, int],
+        resilience: Resilience,
+    ) -> None:
+        self.user_name = ""
+        self.session = ""
+        self._ws_url = ws_url
+        self._ssl_context = ssl_context
+        self._tokens = tokens
+        self._heartbeat = heartbeat
+        self._resilience = resilience
+        self._rooms: dict[str, bool] = {}  # destination -> active on some link yet, join order
+        self._positions: dict[str, Position] = {}  # topic -> last delivered
+        self._link: _Link | None = None
+        self._started = False
+        self._closing = False
+        self._failure: ClientError | None = None
+        self._changed = trio.Event()  # set and replaced whenever the link's state changes
+        self._events_in, self._events = trio.open_memory_channel[Event](MAX_UNREAD_EVENTS)
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def rooms(self) -> tuple[str, ...]:
+        """The destinations subscribed, in the order joined."""
+        return tuple(self._rooms)
+
+    @property
+    def online(self) -> bool:
+        link = self._link
+        return link is not None and link.ready and link.client.failure is None
+
+    async def subscribe(self, destination: str) -> None:
+        """Join a room, kept across reconnects; returns once active, or at once while
+        offline (it is subscribed when the link is back). A room the server refuses is
+        forgotten and its `StompError` raised."""
+        self._check()
+        if destination in self._rooms:
+            return
+        self._rooms[destination] = False
+        self._positions.pop(destination, None)  # resume only from what this join delivers
+        link = self._link
+        if link is None or not link.ready:
+            return  # the resubscription under way or the next one takes it
+        try:
+            await self._join(link, destination)
+        except ClientError as exc:
+            if isinstance(exc, StompError) or link.client.failure is None:
+                self._rooms.pop(destination, None)
+                raise
+            # the link died: the reconnect subscribes it
+
+    async def unsubscribe(self, destination: str) -> None:
+        """Leave a room (a no-op for a room not joined)."""
+        if destination not in self._rooms:
+            return
+        del self._rooms[destination]
+        self._positions.pop(destination, None)
+        link = self._link
+        if link is not None:
+            await self._leave(link, destination)
+
+    async def send(
+        self,
+        destination: str,
+        body: str | bytes,
+        *,
+        receipt: bool = True,
+        content_type: str = TEXT_PLAIN,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """SEND once the link is up (waiting up to the send timeout); with `receipt`, return
+        only when the server confirmed it (stored, PROTOCOL.md §8).
+
+        Raises `NotDelivered` when the link died before the confirmation: never resent,
+        since the server may have published it; `maybe_delivered` says whether it left.
+        """
+        client = await self._ready_client()
+        try:
+            await client.send(
+                destination, body, receipt=receipt, content_type=content_type, headers=headers
+            )
+        except ClientError as exc:
+            raise NotDelivered(
+                f"the server did not confirm it ({exc}); it may or may not have arrived "
+                "and was not resent",
+                maybe_delivered=True,
+            ) from exc
+
+    async def receive(self) -> Event:
+        """The next event; raises the session's failure, or ConnectionLost once closed."""
+        try:
+            return await self._events.receive()
+        except trio.EndOfChannel:
+            raise self._failure or ConnectionLost("the session is closed") from None
+
+    def __aiter__(self) -> ResilientSession:
+        return self
+
+    async def __anext__(self) -> Event:
+        """Events until the session is closed (quietly) or fails (raised)."""
+        try:
+            return await self._events.receive()
+        except trio.EndOfChannel:
+            if self._failure is not None:
+                raise self._failure from None
+            raise StopAsyncIteration from None
+
+    # ------------------------------------------------------------ the supervisor
+
+    async def _run(
+        self,
+        grant: TokenGrant | None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect (errors before the first link are raised to the opener), then keep a
+        link up until closed; a failure no reconnect can cure ends the session."""
+        reason = await self._start(grant, task_status)
+        try:
+            await self._reconnect(reason)
+        except ClientError as exc:
+            self._failure = exc
+            self._events_in.close()
+            self._signal()
+
+    async def _start(
+        self, grant: TokenGrant | None, task_status: trio.TaskStatus[None]
+    ) -> ClientError:
+        """The first link, retried only while the server is unreachable; why it ended."""
+        attempts = self._resilience.start_attempts
+        failed = 0
+        while True:
+            try:
+                return await self._hold(grant, task_status.started)
+            except ServerUnreachable as exc:
+                failed += 1
+                if failed >= attempts:
+                    raise gave_up(exc, attempts) from exc
+                await trio.sleep(self._resilience.backoff.delay(failed - 1))
+
+    async def _reconnect(self, reason: ClientError) -> None:
+        """Back off, connect, serve; again, until closed or a failure is not transient."""
+        attempt = 0
+        while not self._closing:
+            delay = self._resilience.backoff.delay(attempt)
+            attempt += 1
+            await self._events_in.send(Reconnecting(attempt, delay, str(reason)))
+            await trio.sleep(delay)
+            began = trio.current_time()
+            try:
+                reason = await self._hold(None)
+            except _TRANSIENT as exc:
+                reason = exc
+                continue
+            if trio.current_time() - began >= STABLE_LINK:
+                attempt = 0
+
+    async def _hold(
+        self, grant: TokenGrant | None, started: Callable[[], None] | None = None
+    ) -> ClientError:
+        """One link, from connect to its end: why it ended. Raises if it never came up."""
+        async with connect_authorized(
+            self._ws_url, self._ssl_context, self._tokens, heartbeat=self._heartbeat,
+            grant=grant,
+        ) as client:
+            link = self._link = _Link(client)
+            self.user_name, self.session = client.user_name, client.session
+            try:
+                await self._events_in.send(Online(client.session, first=not self._started))
+                if started is not None:
+                    started()
+                self._started = True
+                return await self._serve(link)
+            finally:
+                self._link = None
+                self._signal()
+
+    async def _serve(self, link: _Link) -> ClientError:
+        """Pump messages while resubscribing every room; then until the link dies."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, link)
+            try:
+                await self._resubscribe(link)
+            except ClientError as exc:
+                if link.client.failure is None:  # alive but not answering: start over
+                    nursery.cancel_scope.cancel()
+                    return exc
+            else:
+                link.ready = True
+                self._signal()
+        return link.client.failure or ConnectionLost("the connection ended")
+
+    async def _pump(self, link: _Link) -> None:
+        """Deliver each message not delivered before; ends when the link does."""
+        while True:
+            try:
+                message = await link.client.receive()
+            except ClientError:
+                return
+            if self._is_new(link, message):
+                await self._events_in.send(message)
+                # Recorded only once delivered: a send cut short is replayed on resume.
+                if message.position is not None:
+                    self._positions[message.destination] = message.position
+
+    def _is_new(self, link: _Link, message: Message) -> bool:
+        """Not from a room just left, and past the last position delivered for its topic."""
+        if message.subscription in link.left:
+            return False
+        position = message.position
+        last = self._positions.get(message.destination)
+        return (
+            position is None
+            or last is None
+            or last.epoch != position.epoch
+            or position.offset > last.offset
+        )
+
+    # ------------------------------------------------------------ rooms on a link
+
+    async def _resubscribe(self, link: _Link) -> None:
+        """Every room on the new link, those with a position (replayed) first; rooms
+        joined meanwhile too."""
+        while pending := [room for room in self._rooms if room not in link.subs]:
+            pending.sort(key=lambda room: room not in self._positions)
+            for room in pending:
+                if room in self._rooms:  # not left meanwhile
+                    await self._join(link, room)
+
+    async def _join(self, link: _Link, room: str) -> None:
+        """SUBSCRIBE on `link`, from the room's position when it has one."""
+        rejoining = self._rooms.get(room, False)
+        position = self._positions.get(room)
+        if position is None:
+            sub_id, ok = await link.client.subscribe(room), False
+        else:
+            sub_id, ok = await link.client.subscribe_since(room, position)
+        link.subs[room] = sub_id
+        if room not in self._rooms:  # left while we subscribed
+            await self._leave(link, room)
+            return
+        self._rooms[room] = True
+        if rejoining:
+            await self._events_in.send(Recovered(room, ok))
+
+    async def _leave(self, link: _Link, room: str) -> None:
+        sub_id = link.subs.pop(room, None)
+        if sub_id is None:
+            return
+        link.left.add(sub_id)
+        with suppress(ClientError):  # a dead link has dropped it anyway
+            await link.client.unsubscribe(sub_id)
+
+    # ------------------------------------------------------------ state
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closing:
+            raise ConnectionLost("the session is closed")
+
+    def _signal(self) -> None:
+        """Wake every task waiting for the link's state to change."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _ready_client(self) -> StompClient:
+        """The current link once it is up and resubscribed, waiting up to the send timeout."""
+        timeout = self._resilience.send_timeout
+        with trio.move_on_after(timeout):
+            while True:
+                self._check()
+                link = self._link
+                if link is not None and link.ready and link.client.failure is None:
+                    return link.client
+                await self._changed.wait()
+        raise NotDelivered(
+            f"not connected for {timeout:g} s; it was not sent", maybe_delivered=False
+        )
+
+    async def _close(self) -> None:
+        """Leaving: DISCONNECT politely (bounded) unless we are being cancelled."""
+        self._closing = True
+        self._signal()
+        link = self._link
+        if link is not None and trio.current_effective_deadline() != -math.inf:
+            with trio.move_on_after(2 * CLOSE_TIMEOUT):
+                await link.client.disconnect()
+
+
+@asynccontextmanager
+async def connect_resilient(
+    ws_url: str,
+    ssl_context: ssl.SSLContext,
+    tokens: TokenSource,
+    *,
+    heartbeat: tuple[int, int] = (10000, 10000),
+    resilience: Resilience = DEFAULT_RESILIENCE,
+    grant: TokenGrant | None = None,
+) -> AsyncIterator[ResilientSession]:
+    """A session whose first link is up (see the module docstring); closed on the way out.
+
+    `grant` opens the first link instead of a fresh one. Errors before the first link are
+    raised here: `ServerUnreachable` after `resilience.start_attempts` tries, others at once.
+    """
+    session = ResilientSession(ws_url, ssl_context, tokens, heartbeat, resilience)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session._run, grant)
+            try:
+                yield session
+            finally:
+                await session._close()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the nursery wraps what the body raised
+        leaf = sole_exception(group)
+        if leaf is None:
+            raise
+        raise leaf from leaf.__cause__
+    finally:
+        session._events_in.close()
+
+
+@asynccontextmanager
+async def open_session(
+    url: str,
+    cert: Path,
+    key: Path,
+    ca: Path,
+    *,
+    passphrase: bytes | None = None,
+    token_file: Path | None = None,
+    on_notice: Notice = log.warning,
+    heartbeat: tuple[int, int] = (10000, 10000),
+    resilience: Resilience = DEFAULT_RESILIENCE,
+) -> AsyncIterator[ResilientSession]:
+    """Certificate files to a resilient session (`url`: wss:// STOMP or https:// base URL).
+
+    `token_file` keeps the refresh token across runs (None: memory only); `on_notice` hears
+    token warnings meant for the user. Raises `PkiError` for unusable certificate files.
+    """
+    base_url, ws_url = server_urls(url)
+    ssl_context = client_ssl_context(cert, key, ca, passphrase)
+    tokens = TokenSource(base_url, ssl_context, token_store(token_file), on_notice)
+    async with connect_resilient(
+        ws_url, ssl_context, tokens, heartbeat=heartbeat, resilience=resilience
+    ) as session:
+        yield session
