@@ -189,6 +189,23 @@ async def test_token_file_readable_by_others_is_not_used(
     await refresh_token(server.base_url, pki.client_context("alice"), first.refresh_token)
 
 
+async def test_unusable_token_file_degrades_to_memory(
+    server: RunningServer, pki: TestPki, tmp_path: Path
+) -> None:
+    """No directory for the file: said once, then the refresh token lives in memory."""
+    path = tmp_path / "missing" / "alice.refresh"
+    notices: list[str] = []
+    tokens = source(server, pki, "alice", path, notices)
+    first = await tokens.grant()
+    second = await tokens.grant()  # refreshed from memory
+    assert len(notices) == 1
+    assert str(path) in notices[0] and "in memory only" in notices[0]
+    with pytest.raises(TokenRefused) as spent:
+        await refresh_token(server.base_url, pki.client_context("alice"), first.refresh_token)
+    assert spent.value.code == "refresh_reused" and second.refresh_token != first.refresh_token
+    assert not path.parent.exists()
+
+
 async def test_unknown_refresh_token_falls_back_quietly(
     server: RunningServer, pki: TestPki, tmp_path: Path
 ) -> None:

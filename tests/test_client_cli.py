@@ -26,6 +26,8 @@ from chat import pki as pki_module
 from chat.client.auth import open_chat
 from chat.client.connection import StompClient
 from tests.conftest import RunningServer, TestPki
+from tests.test_client_library import chat_as
+from tests.test_client_resilience import Servers, restartable
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "chat.client.cli"]
@@ -144,7 +146,7 @@ async def test_unreachable_server(pki: TestPki) -> None:
     args = [*CLI, "--cert", str(pki.client("alice")[0]), "--url", f"wss://127.0.0.1:{port}/ws",
             "--send", "lobby", "x"]
     line = one_error_line(await run_cli(args))
-    assert f"cannot reach 127.0.0.1:{port}: connection refused" in line
+    assert f"cannot reach 127.0.0.1:{port}: connection refused (tried 4 times)" in line
 
 
 async def test_server_from_another_ca(server: RunningServer, pki: TestPki) -> None:
@@ -235,3 +237,75 @@ async def test_interactive_on_a_terminal(server: RunningServer, pki: TestPki, le
         await terminal.send_all(leave)  # Ctrl-U (erase the line) + Ctrl-D, or Ctrl-C
         with trio.fail_after(FAST):
             assert await process.wait() == 0
+
+
+# ---------------------------------------------------------------- reconnecting
+
+
+@pytest.fixture
+def servers(nursery: trio.Nursery, pki: TestPki, tmp_path: Path) -> Servers:
+    return restartable(nursery, pki, tmp_path)
+
+
+async def test_listen_json_survives_a_restart(
+    servers: Servers, pki: TestPki, tmp_path: Path
+) -> None:
+    """The server restarts under --listen --json; what was published meanwhile (through
+    another server on the same state) comes after it, in order, once."""
+    first = await servers.start()
+    token_file = str(tmp_path / "bob.refresh")
+    args = cli_args(first, pki, "bob", "--listen", "lobby", "--json", "--count", "4",
+                    "--token-file", token_file)
+    out, err = bytearray(), bytearray()
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(background(args))
+        await read_until(listener.stderr, err, "* listening on lobby")
+        async with chat_as(first, pki, "alice") as alice:
+            await alice.send("/topic/lobby", "m1")
+        await read_until(listener.stdout, out, "m1")
+        await servers.stop()
+        await read_until(listener.stderr, err, "* reconnecting")
+        aside = await servers.start(elsewhere=True)
+        async with chat_as(aside, pki, "alice") as alice:
+            await alice.send("/topic/lobby", "m2")
+            await alice.send("/topic/lobby", "m3")
+        await servers.stop()
+        second = await servers.start()
+        status = await read_until(listener.stderr, err, "* back online")
+        async with chat_as(second, pki, "alice") as alice:
+            await alice.send("/topic/lobby", "m4")
+        with trio.fail_after(FAST):
+            assert await listener.wait() == 0
+            while chunk := await listener.stdout.receive_some():
+                out += chunk
+    records = [json.loads(line) for line in out.decode().splitlines()]
+    assert [r["body"] for r in records] == ["m1", "m2", "m3", "m4"]
+    assert "* reconnecting\N{HORIZONTAL ELLIPSIS} (attempt 1, next try in " in status
+    assert "may be missing" not in status
+
+
+async def test_interactive_session_survives_a_restart(
+    servers: Servers, pki: TestPki, tmp_path: Path
+) -> None:
+    first = await servers.start()
+    args = cli_args(first, pki, "alice", "--token-file", str(tmp_path / "alice.refresh"))
+    screen = bytearray()
+    async with trio.open_nursery() as nursery:
+        alice = await nursery.start(partial(
+            trio.run_process, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, check=False, cwd=ROOT,
+        ))
+        await read_until(alice.stdout, screen, "* joined lobby")
+        await servers.stop()
+        await read_until(alice.stdout, screen, "* reconnecting")
+        second = await servers.start()
+        await read_until(alice.stdout, screen, "* back online")
+        async with bob_chat(second, pki) as bob:
+            await bob.subscribe("/topic/lobby")
+            await alice.stdin.send_all(b"typed after the restart\n")
+            with trio.fail_after(FAST):
+                got = await bob.receive()
+        assert (got.sender, got.text) == ("alice", "typed after the restart")
+        await alice.stdin.send_all(b"/quit\n")
+        with trio.fail_after(FAST):
+            assert await alice.wait() == 0

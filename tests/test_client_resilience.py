@@ -164,11 +164,15 @@ class Servers:
             await done.wait()
 
 
-@pytest.fixture
-def servers(nursery: trio.Nursery, pki: TestPki, tmp_path: Path) -> Servers:
+def restartable(nursery: trio.Nursery, pki: TestPki, tmp_path: Path) -> Servers:
     config = ServerConfig(host="127.0.0.1", port=0, certs_dir=pki.dir,
                           state_dir=tmp_path / "state")
     return Servers(nursery, config)
+
+
+@pytest.fixture
+def servers(nursery: trio.Nursery, pki: TestPki, tmp_path: Path) -> Servers:
+    return restartable(nursery, pki, tmp_path)
 
 
 async def until(session: ResilientSession, kind: type) -> list[Event]:
@@ -425,3 +429,32 @@ async def test_revoked_identity_ends_the_session(start_server: StartServer, pki:
         assert (refused.value.status, refused.value.code) == (403, "identity_revoked")
         with pytest.raises(TokenRefused):
             await carol.send(LOBBY, "too late")
+
+
+async def test_wildcard_and_exact_room_resume_once(servers: Servers, pki: TestPki) -> None:
+    """A topic reached through two rooms (dev.# and dev.backend) is delivered once, and
+    after a restart the exact room's replay is not lost behind the wildcard's live copies."""
+    backend, everything = "/topic/dev.backend", "/topic/dev.#"
+    first = await servers.start()
+    async with resilient_as(first.ws_url, first, pki) as bob:
+        await bob.subscribe(everything)
+        await bob.subscribe(backend)
+        async with chat_as(first, pki, "alice") as alice:
+            await alice.send(backend, "b1")
+            await alice.send("/topic/dev.frontend", "f1")
+        events = await events_until(bob, 2)
+        await servers.stop()
+        aside = await servers.start(elsewhere=True)
+        async with chat_as(aside, pki, "alice") as alice:
+            await alice.send(backend, "b2")
+        await servers.stop()
+        second = await servers.start()
+        events += await events_until(bob, 1)
+        async with chat_as(second, pki, "alice") as alice:
+            await alice.send(backend, "b3")
+        events += await events_until(bob, 1)
+        with trio.fail_after(FAST):
+            while Recovered(everything, False) not in events:
+                events.append(await bob.receive())
+    assert texts(events) == ["b1", "f1", "b2", "b3"]
+    assert Recovered(backend, True) in events

@@ -188,10 +188,7 @@ class TokenFile:
 
     def _error(self, action: str, exc: OSError) -> TokenFileError:
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        return TokenFileError(
-            f"cannot {action} the refresh token file {self.path}: {reason} "
-            "(choose another place with --token-file)"
-        )
+        return TokenFileError(f"cannot {action} the refresh token file {self.path}: {reason}")
 
 
 def _try_lock(fd: int) -> bool:
@@ -211,7 +208,8 @@ class TokenSource:
     """Fresh grants for one certificate: refresh when a refresh token is stored, else ask anew.
 
     `on_notice` hears, in one line, what the user should know (a refresh token used twice,
-    a token file from another certificate); routine fallbacks only go to the debug log.
+    a token file from another certificate, a file that cannot be used: then the token is
+    kept in memory only); routine fallbacks only go to the debug log.
     """
 
     def __init__(
@@ -231,15 +229,32 @@ class TokenSource:
         """A new access token; the refresh token it came with replaces the stored one.
 
         Raises `TokenRefused` when the certificate itself is refused (e.g. 403
-        `identity_revoked`), `TokenFileError` for an unusable file, and transport errors.
+        `identity_revoked`), and transport errors.
         """
-        async with self._lock, self._store.locked():
-            grant = await self._refreshed()
-            if grant is None:
-                grant = await fetch_token(self.base_url, self._ssl_context)
-            if grant.refresh_token is not None:
+        async with self._lock:
+            try:
+                async with self._store.locked():
+                    return await self._rotate()
+            except TokenFileError as exc:  # cannot lock or read it (before any spend)
+                self._forget_file(exc)
+            return await self._rotate()
+
+    async def _rotate(self) -> TokenGrant:
+        grant = await self._refreshed()
+        if grant is None:
+            grant = await fetch_token(self.base_url, self._ssl_context)
+        if grant.refresh_token is not None:
+            try:
+                self._store.save(grant.refresh_token)
+            except TokenFileError as exc:
+                self._forget_file(exc)
                 self._store.save(grant.refresh_token)
         return grant
+
+    def _forget_file(self, exc: TokenFileError) -> None:
+        """Carry on with the refresh token in memory: a chat beats a cached token."""
+        self._on_notice(f"{exc}; keeping the refresh token in memory only")
+        self._store = MemoryTokens()
 
     async def _refreshed(self) -> TokenGrant | None:
         """A grant for the stored refresh token, or None when there is none or it is refused."""

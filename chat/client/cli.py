@@ -75,8 +75,9 @@ Scriptable:
   chat-client --cert certs/alice.crt --send lobby "hello"
   chat-client --cert certs/bob.crt --listen lobby --json --count 1
 
-Exit status: 0 on success and on leaving with Ctrl-C, Ctrl-D or /quit; 2 on any error,
-including a lost connection, with one line on stderr; 130 when Ctrl-C cuts a --send short.
+Exit status: 0 on success and on leaving with Ctrl-C, Ctrl-D or /quit; 2 on an error no
+reconnect can cure (a refused certificate or token, a --send cut off), with one line on
+stderr; 130 when Ctrl-C cuts a --send short.
 """
 
 
@@ -199,7 +200,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--heartbeat", type=_non_negative, default=DEFAULT_HEARTBEAT_MS, metavar="MS",
         help="STOMP heart-beat interval offered both ways, in ms; a server silent for twice "
-        f"the agreed interval is reported lost; 0 turns them off (default: {DEFAULT_HEARTBEAT_MS})",
+        "the agreed interval is taken for dead and reconnected to; 0 turns them off "
+        f"(default: {DEFAULT_HEARTBEAT_MS})",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -358,16 +360,22 @@ async def _listen(
             status = describe(event)
             if status is not None:
                 _status(status)
-            continue
-        line = _json_line(event) if as_json else format_message(event)
-        try:
-            print(line, flush=True)
-        except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        elif not _print(_json_line(event) if as_json else format_message(event)):
             return
-        received += 1
-        if count is not None and received >= count:
-            return
+        else:
+            received += 1
+            if count is not None and received >= count:
+                return
+
+
+def _print(line: str) -> bool:
+    """Print a line of output, flushed; False once nobody reads it any more."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:  # the reader went away (`| head -1`): nothing left to do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+    return True
 
 
 def _json_line(message: Message) -> str:

@@ -104,7 +104,8 @@ class Reconnecting:
 class Recovered:
     """A room resubscribed after a reconnect. `ok` is False when messages sent meanwhile may
     be missing: the history was lost or expired, the room is a wildcard (not resumable), or
-    no message had been seen in it yet (nothing to resume from)."""
+    no message had been seen in it yet (nothing to resume from). It comes once the server
+    answered the SUBSCRIBE, possibly before the last replayed messages are taken."""
 
     destination: str
     ok: bool

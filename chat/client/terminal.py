@@ -21,7 +21,7 @@ from typing import TextIO
 
 import trio
 
-from chat.client.connection import Message
+from chat.client.connection import Message, ReceiptTimeout, StompError
 from chat.client.resilient import (
     Event,
     NotDelivered,
@@ -288,7 +288,11 @@ class ChatSession:
         except InvalidDestination as exc:
             self._console.status(str(exc))
             return True
-        await self._session.subscribe(destination)
+        try:
+            await self._session.subscribe(destination)
+        except (StompError, ReceiptTimeout) as exc:  # refused, or no answer: the chat goes on
+            self._console.status(f"cannot join {room}: {exc}")
+            return True
         self._rooms.append(room)
         self._current = room
         self._console.status(f"joined {room}")
