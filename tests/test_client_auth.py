@@ -106,6 +106,29 @@ async def test_default_token_file_is_beside_the_certificate(
     assert mode(tmp_path / "carol.refresh") == 0o600
 
 
+async def test_two_clients_sharing_the_file_never_spend_a_token_twice(
+    server: RunningServer, pki: TestPki, tmp_path: Path
+) -> None:
+    """Two sources on one file (as two chat-client processes would be) refreshing at once:
+    the file lock serializes read-spend-write, so the server never sees a reuse."""
+    path = tmp_path / "alice.refresh"
+    notices: list[str] = []
+    one, two = (source(server, pki, "alice", path, notices) for _ in range(2))
+    await one.grant()
+    grants = []
+
+    async def refresh(tokens: TokenSource) -> None:
+        for _ in range(4):
+            grants.append(await tokens.grant())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(refresh, one)
+        nursery.start_soon(refresh, two)
+    assert notices == []
+    assert path.read_text().strip() in {g.refresh_token for g in grants}
+    assert len({g.refresh_token for g in grants}) == 8
+
+
 # ---------------------------------------------------------------- refusals and fallbacks
 
 

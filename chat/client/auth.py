@@ -58,6 +58,7 @@ log = logging.getLogger("chat.client")
 
 TOKEN_FILE_MODE = 0o600  # a refresh token is a credential: owner only, from the first byte
 REFRESH_SUFFIX = ".refresh"  # certs/alice.crt -> certs/alice.refresh
+MAX_TOKEN_BYTES = 4096  # a refresh token is ~50 characters: read no more of a strange file
 LOCK_SUFFIX = ".lock"  # the token file is replaced on each write: lock a file that stays
 LOCK_POLL = 0.02  # seconds between tries for a lock another process holds
 LOCK_TIMEOUT = 3 * HTTP_TIMEOUT  # its holder makes at most a refresh and a token request
@@ -147,7 +148,7 @@ class TokenFile:
                     f"{self.path} is readable by other users: not using its refresh token; "
                     "getting a new token with the certificate"
                 )
-            token = file.read().decode("ascii", "replace").strip()
+            token = file.read(MAX_TOKEN_BYTES).decode("ascii", "replace").strip()
         return token or None
 
     def save(self, token: str) -> None:
