@@ -312,6 +312,11 @@ class History:
         """The topic's current epoch, minting one for a topic seen for the first time."""
         return (self._topics.get(destination) or self._new_topic(destination)).epoch
 
+    def position(self, destination: str) -> tuple[str, int]:
+        """(epoch, last offset) of a topic: where a subscription made now starts."""
+        topic = self._topics.get(destination) or self._new_topic(destination)
+        return topic.epoch, topic.last
+
     def _new_topic(self, destination: str) -> _Topic:
         topic = self._topics[destination] = _Topic(new_epoch(), 0, (), self._retention.max_count)
         return topic

@@ -132,6 +132,17 @@ async def test_resume_while_publishing_continues_has_no_gap_or_duplicate(server,
     assert offsets == list(range(1, total + 1))
 
 
+async def test_subscribe_receipt_says_where_an_exact_subscription_starts(server, pki) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        quiet = await subscribe(alice, "/topic/quiet", "q")
+        await publish(alice, "/topic/busy2", [b"1", b"2"])
+        busy = await subscribe(alice, "/topic/busy2", "b")
+        wildcard = await subscribe(alice, "/topic/busy2.*", "w")
+    assert quiet.get("offset") == "0" and quiet.get("epoch")
+    assert busy.get("offset") == "2" and busy.get("epoch") != quiet.get("epoch")
+    assert (wildcard.get("offset"), wildcard.get("epoch")) == (None, None)
+
+
 async def test_epoch_mismatch_is_not_recovered_but_delivers_what_is_kept(server, pki) -> None:
     async with stomp_peer(server, pki, "alice") as alice:
         await publish(alice, "/topic/e", [b"a", b"b"])

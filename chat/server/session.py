@@ -228,6 +228,10 @@ class StompSession:
         pattern = parse_destination(destination, wildcards=True)
         # Replay and going live happen in one step with no await between: no gap, no duplicate.
         receipt_headers = self._replay(frame, destination, pattern, sub_id)
+        if ANY not in pattern and ONE not in pattern:
+            # where this subscription starts, so a client in a quiet room can resume later
+            epoch, offset = self._broker.history.position(destination)
+            receipt_headers += (("epoch", epoch), ("offset", str(offset)))
         subscription = Subscription(self.outbox, sub_id)
         self._subscriptions[sub_id] = (pattern, subscription)
         self._broker.subscribe(pattern, subscription)
