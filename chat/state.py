@@ -29,6 +29,10 @@ from chat.tokens import (
     TokenCertMismatch,
 )
 
+# refresh_families.revoked: 0 live, or why it was revoked (the refusal code depends on it)
+FAMILY_REVOKED = 1  # the operator blocked the identity
+FAMILY_REUSED = 2  # a spent token was presented again: theft (PROTOCOL.md §7)
+
 REFRESH_TOKEN_BYTES = 32  # 256 random bits: unguessable, so an unsalted SHA-256 suffices
 FAMILY_ID_BYTES = 16  # a family id is not a secret; it only has to be unique
 MAX_REFRESH_CHARS = 256  # ours are 43 characters; anything far longer is not one of ours
@@ -121,7 +125,8 @@ class StateStore:
             return None
         return self._db.execute(
             "SELECT t.family, t.sub, t.x5t, t.expires, t.spent,"
-            " f.revoked OR EXISTS (SELECT 1 FROM revoked_subs r WHERE r.sub = t.sub)"
+            " CASE WHEN EXISTS (SELECT 1 FROM revoked_subs r WHERE r.sub = t.sub)"
+            f" THEN {FAMILY_REVOKED} ELSE f.revoked END"
             " FROM refresh_tokens t JOIN refresh_families f ON f.family = t.family"
             " WHERE t.hash = ?",
             (_digest(token),),
@@ -135,6 +140,8 @@ class StateStore:
         if row is None:
             return InvalidRefresh("unknown refresh token")
         _family, bound_sub, bound_x5t, expires, spent, revoked = row
+        if revoked == FAMILY_REUSED:  # tell the owner too: someone else spent one of theirs
+            return RefreshReused("a refresh token of this family was used twice; it is revoked")
         if revoked:
             return InvalidRefresh("refresh token family has been revoked")
         if (bound_sub, bound_x5t) != (sub, x5t):
@@ -154,7 +161,8 @@ class StateStore:
         return token
 
     def _revoke_family(self, family: str) -> None:
-        self._db.execute("UPDATE refresh_families SET revoked = 1 WHERE family = ?", (family,))
+        self._db.execute("UPDATE refresh_families SET revoked = ? WHERE family = ?",
+                         (FAMILY_REUSED, family))
 
     # ------------------------------------------------------------------ revocations
 
@@ -163,7 +171,8 @@ class StateStore:
         with self._write() as db:
             db.execute("INSERT OR IGNORE INTO revoked_subs (sub, revoked_at) VALUES (?, ?)",
                        (sub, now))
-            db.execute("UPDATE refresh_families SET revoked = 1 WHERE sub = ?", (sub,))
+            db.execute("UPDATE refresh_families SET revoked = ? WHERE sub = ? AND revoked = 0",
+                       (FAMILY_REVOKED, sub))
             self._bump_version()
 
     def unrevoke_sub(self, sub: str) -> bool:

@@ -167,12 +167,12 @@ async def test_cli_says_in_one_line_that_the_token_was_reused(
     assert "used twice" in lines[0] and "copied" in lines[0]
 
 
-async def test_thief_after_owner_revokes_quietly(
+async def test_thief_after_owner_is_reported_to_the_owner(
     server: RunningServer, pki: TestPki, tmp_path: Path
 ) -> None:
     """The owner spent the token first; the thief's replay revokes the family. The owner's
-    next refresh is refused as `invalid_refresh` (the server does not say reused here), so
-    the fallback is quiet: no notice, a new token from the certificate."""
+    next refresh is refused as `refresh_reused` too, so the owner hears of the theft, then
+    gets a new token from the certificate."""
     path = tmp_path / "alice.refresh"
     notices: list[str] = []
     tokens = source(server, pki, "alice", path, notices)
@@ -183,7 +183,8 @@ async def test_thief_after_owner_revokes_quietly(
         await refresh_token(server.base_url, pki.client_context("alice"), copied)
     assert thief.value.code == "refresh_reused"
     grant = await tokens.grant()
-    assert notices == [] and path.read_text().strip() == grant.refresh_token
+    assert len(notices) == 1 and "revoked the token family" in notices[0]
+    assert path.read_text().strip() == grant.refresh_token
 
 
 async def test_token_file_of_another_certificate(

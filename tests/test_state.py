@@ -68,8 +68,9 @@ def test_reusing_a_spent_token_revokes_the_whole_family(state: StateStore) -> No
     newest = state.rotate_refresh(second, "alice", X5T, NOW, DAY)
     error = _rotate_refused(state, first, RefreshReused)
     assert (error.status, error.code) == (401, "refresh_reused")
-    _rotate_refused(state, newest, InvalidRefresh)
-    _rotate_refused(state, second, InvalidRefresh)
+    # the owner's newest token now says why too: the family was revoked for reuse
+    _rotate_refused(state, newest, RefreshReused)
+    _rotate_refused(state, second, RefreshReused)
 
 
 def test_reuse_leaves_other_families_alone(state: StateStore) -> None:
@@ -78,6 +79,12 @@ def test_reuse_leaves_other_families_alone(state: StateStore) -> None:
     state.rotate_refresh(stolen, "alice", X5T, NOW, DAY)
     _rotate_refused(state, stolen, RefreshReused)
     assert state.rotate_refresh(other, "alice", X5T, NOW, DAY)
+
+
+def test_family_of_a_blocked_identity_is_invalid_not_reused(state: StateStore) -> None:
+    token = state.issue_refresh("alice", X5T, NOW, DAY)
+    state.revoke_sub("alice", NOW)
+    _rotate_refused(state, token, InvalidRefresh)
 
 
 def test_refresh_expiry(state: StateStore) -> None:
@@ -209,7 +216,7 @@ def test_reuse_detected_through_another_store(state: StateStore, db_path: Path) 
         _rotate_refused(other, first, RefreshReused)
     finally:
         other.close()
-    _rotate_refused(state, newest, InvalidRefresh)
+    _rotate_refused(state, newest, RefreshReused)
 
 
 def test_state_survives_reopen(state: StateStore, db_path: Path) -> None:
