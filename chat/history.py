@@ -16,16 +16,11 @@ message row is keyed by (destination, offset); pruning is by offset range (count
 timestamp index (age), so it costs little per batch.
 
 On startup the store loads every topic's epoch, last offset and retained tail: offsets continue
-and, after a clean shutdown, epochs are unchanged. Crash consistency: if the process dies
-between `append()` and `commit()`, those messages are lost, but none of them was receipted.
-Subscribers may still have seen them (live fan-out does not wait for the disk), so after
-restart offset N could name a different message than the one a subscriber saw. To make that
-impossible, `open` sets a marker that only `close()` clears; a store opened without the marker
-cleared was not shut down cleanly, and every topic then gets a new epoch. Offsets still continue
-from the last committed one and the retained messages stay; a client resuming with the old epoch
-gets `recovered:false` and the whole retained history. A memory store loses everything when the
-process ends, so every topic gets a new epoch then too (a fresh random one is minted on first
-use). Pure module: no trio.
+and epochs are unchanged, also after a crash. That is safe because the server shows a message
+to nobody before it is committed (the high-water mark: `replay` and `position` see only
+committed messages, and live fan-out waits for the commit), so an offset lost in a crash was
+never seen and may be given again. A memory store loses everything when the process ends, so
+every topic gets a new epoch then (a fresh random one is minted on first use). Pure module: no trio.
 """
 
 from __future__ import annotations
@@ -45,7 +40,6 @@ from pathlib import Path
 from chat.sqlite import open_private
 
 EPOCH_BYTES = 6  # 12 hex characters: an epoch only has to differ from its topic's earlier ones
-CLEAN_KEY = "clean_shutdown"  # meta row: "1" only between close() and the next open
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS topics (
@@ -63,7 +57,6 @@ _SCHEMA = (
         body BLOB NOT NULL,
         PRIMARY KEY (destination, offset))""",
     "CREATE INDEX IF NOT EXISTS messages_age ON messages (timestamp_ms)",
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 _INSERT = (
     "INSERT OR REPLACE INTO messages (destination, offset, epoch, timestamp_ms, sender,"
@@ -76,7 +69,6 @@ _UPSERT_TOPIC = (
 )
 _PRUNE_COUNT = "DELETE FROM messages WHERE destination = ? AND offset <= ?"
 _PRUNE_AGE = "DELETE FROM messages WHERE timestamp_ms < ?"
-_SET_CLEAN = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _LOAD = (
     "SELECT m.destination, m.offset, m.timestamp_ms, m.sender, m.content_type, m.headers, m.body"
     " FROM messages m JOIN topics t ON t.destination = m.destination"
@@ -185,15 +177,8 @@ class SqliteBackend:
             self._db.execute("COMMIT")
 
     def load(self, retention: Retention, now_ms: int) -> list[TopicState]:
-        """Prune, renew every epoch after an unclean shutdown, mark the store open, read it."""
+        """Prune what retention no longer keeps, then read every topic."""
         with self._transaction() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (CLEAN_KEY,)).fetchone()
-            if row is not None and row[0] != "1":
-                db.executemany(
-                    "UPDATE topics SET epoch = ? WHERE destination = ?",
-                    [(new_epoch(), d) for (d,) in db.execute("SELECT destination FROM topics")],
-                )
-            db.execute(_SET_CLEAN, (CLEAN_KEY, "0"))
             db.execute(_PRUNE_AGE, (now_ms - retention.max_age * 1000.0,))
             db.execute(
                 "DELETE FROM messages WHERE offset <= (SELECT t.last_offset FROM topics t"
@@ -237,12 +222,11 @@ class SqliteBackend:
             db.execute(_PRUNE_AGE, (newest - retention.max_age * 1000.0,))
 
     def close(self) -> None:
-        """Mark the shutdown clean and close; call only once every append was written."""
+        """Close; call only once every append was written."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._db.execute(_SET_CLEAN, (CLEAN_KEY, "1"))
             self._db.close()
 
 
@@ -313,9 +297,9 @@ class History:
         return (self._topics.get(destination) or self._new_topic(destination)).epoch
 
     def position(self, destination: str) -> tuple[str, int]:
-        """(epoch, last offset) of a topic: where a subscription made now starts."""
+        """(epoch, last committed offset) of a topic: where a subscription made now starts."""
         topic = self._topics.get(destination) or self._new_topic(destination)
-        return topic.epoch, topic.last
+        return topic.epoch, self._visible(topic)[1]
 
     def _new_topic(self, destination: str) -> _Topic:
         topic = self._topics[destination] = _Topic(new_epoch(), 0, (), self._retention.max_count)
@@ -355,15 +339,24 @@ class History:
         topic = self._topics.get(destination)
         if topic is None:  # nothing was ever published here; any epoch the client names is old
             return Replay((), since == 0 and epoch is None)
-        retained = topic.retained
-        self._expire(retained, now_ms)
+        self._expire(topic.retained, now_ms)
+        retained, last = self._visible(topic)
         if epoch is not None and epoch != topic.epoch:
             return Replay(tuple(retained), False)
-        if since > topic.last:  # the client is ahead of this history: it cannot be ours
+        if since > last:  # the client is ahead of this history: it cannot be ours
             return Replay((), False)
-        first = retained[0].offset if retained else topic.last + 1
+        first = retained[0].offset if retained else last + 1
         messages = tuple(islice(retained, max(since + 1 - first, 0), None))
         return Replay(messages, first <= since + 1)
+
+    def _visible(self, topic: _Topic) -> tuple[list[Stored], int]:
+        """The committed part of the retained tail and its last offset (the high-water mark)."""
+        committed = self.committed_seq
+        retained = list(topic.retained)
+        last = topic.last
+        while retained and retained[-1].seq > committed:
+            last = retained.pop().offset - 1
+        return retained, last
 
     def take_pending(self) -> list[Stored]:
         """The appends not yet handed to the committer, oldest first (may be empty)."""
@@ -384,7 +377,7 @@ class History:
             self._committed = max(self._committed, batch[-1].seq)
 
     def close(self) -> None:
-        """Write whatever is still pending, then mark the shutdown clean.
+        """Write whatever is still pending, then close the file.
 
         Call it after the committer has stopped: it commits on the calling thread.
         """

@@ -273,26 +273,23 @@ def test_close_commits_what_is_pending(db_path: Path) -> None:
     reopened.close()
 
 
-def test_unclean_shutdown_mints_new_epochs(db_path: Path) -> None:
+def test_crash_keeps_epochs_and_reuses_only_offsets_nobody_saw(db_path: Path) -> None:
     crashed = History.open_sqlite(db_path)
     _publish(crashed, A, 3)
     _publish(crashed, B, 1)
     _commit_all(crashed)
-    _publish(crashed, A, 2)  # fanned out live, never committed, then the process dies
+    _publish(crashed, A, 2)  # appended, never committed, then the process dies
+    # the high-water mark: uncommitted messages are invisible to replay and position
+    assert _offsets(crashed.replay(A, 0, None, NOW)) == [1, 2, 3]
+    assert crashed.position(A) == (crashed.epoch(A), 3)
     old_a, old_b = crashed.epoch(A), crashed.epoch(B)
 
     restarted = History.open_sqlite(db_path)
-    assert restarted.epoch(A) != old_a
-    assert restarted.epoch(B) != old_b
-    replay = restarted.replay(A, 5, old_a, NOW)  # a subscriber who saw the lost offsets 4, 5
-    assert (_offsets(replay), replay.recovered) == ([1, 2, 3], False)
-    assert {m.epoch for m in replay.messages} == {restarted.epoch(A)}
+    assert (restarted.epoch(A), restarted.epoch(B)) == (old_a, old_b)
+    replay = restarted.replay(A, 3, old_a, NOW)
+    assert (_offsets(replay), replay.recovered) == ([], True)
     assert restarted.append(A, "alice", "t", b"new", (), NOW).offset == 4
     restarted.close()
-
-    clean = History.open_sqlite(db_path)
-    assert clean.epoch(A) == restarted.epoch(A)
-    clean.close()
 
 
 def test_a_lost_batch_is_a_gap_not_wrong_data(db_path: Path) -> None:

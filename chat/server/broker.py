@@ -1,12 +1,13 @@
 """Subscriptions, history and fan-out.
 
 How this works: a published message is first appended to the history, which gives it its
-per-topic `offset` and the topic's `epoch` (and queues it for the committer), then encoded
-once. A STOMP `MESSAGE` differs between recipients only in its `subscription` header, so
-the frame is `MESSAGE\\n` + `subscription:ID\\n` + the common tail, and the finished
-WebSocket frame is cached per distinct subscription id for the duration of one publish
-(clients tend to reuse the same few ids, so most recipients share one bytes object). Each
-recipient's `Outbox` only appends those bytes: a publisher never waits on a subscriber.
+per-topic `offset` and the topic's `epoch` and queues it for the committer; once it is
+committed (at once for a memory history) it is encoded once and delivered. A STOMP
+`MESSAGE` differs between recipients only in its `subscription` header, so the frame is
+`MESSAGE\\n` + `subscription:ID\\n` + the common tail, and the finished WebSocket frame is
+cached per distinct subscription id for the duration of one delivery (clients tend to reuse
+the same few ids, so most recipients share one bytes object). Each recipient's `Outbox`
+only appends those bytes: a publisher never waits on a subscriber.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Broker:
         return len(self._trie)
 
     def publish(self, message: Published) -> Stored:
-        """Give the message its offset, queue it for disk, deliver it to every subscriber."""
+        """Give the message its offset, queue it for disk, deliver it once it is there."""
         stored = self.history.append(
             message.destination,
             message.sender,
@@ -93,17 +94,21 @@ class Broker:
             time.time_ns() // 1_000_000,
         )
         self.durability.appended()
-        recipients = self._trie.match(message.topic)
-        if recipients:
-            tail = message_tail(stored)
-            frames: dict[str, bytes] = {}
-            for sub in recipients:
-                frame = frames.get(sub.id)
-                if frame is None:
-                    frame = frames[sub.id] = message_frame(sub.id, tail)
-                sub.outbox.push(frame)
+        # Visible once durable: nobody may see an offset a crash could give to another message.
+        self.durability.after(stored.seq, lambda: self._deliver(stored, message.topic))
         return stored
 
+    def _deliver(self, stored: Stored, topic: tuple[str, ...]) -> None:
+        recipients = self._trie.match(topic)
+        if not recipients:
+            return
+        tail = message_tail(stored)
+        frames: dict[str, bytes] = {}
+        for sub in recipients:
+            frame = frames.get(sub.id)
+            if frame is None:
+                frame = frames[sub.id] = message_frame(sub.id, tail)
+            sub.outbox.push(frame)
 
 def message_frame(subscription_id: str, tail: bytes) -> bytes:
     """The WebSocket frame of a MESSAGE for one subscription."""
