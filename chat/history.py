@@ -299,7 +299,7 @@ class History:
     def position(self, destination: str) -> tuple[str, int]:
         """(epoch, last committed offset) of a topic: where a subscription made now starts."""
         topic = self._topics.get(destination) or self._new_topic(destination)
-        return topic.epoch, self._visible(topic)[1]
+        return topic.epoch, self._high_water(topic)
 
     def _new_topic(self, destination: str) -> _Topic:
         topic = self._topics[destination] = _Topic(new_epoch(), 0, (), self._retention.max_count)
@@ -339,24 +339,27 @@ class History:
         topic = self._topics.get(destination)
         if topic is None:  # nothing was ever published here; any epoch the client names is old
             return Replay((), since == 0 and epoch is None)
-        self._expire(topic.retained, now_ms)
-        retained, last = self._visible(topic)
+        retained = topic.retained
+        self._expire(retained, now_ms)
+        last = self._high_water(topic)
+        first = retained[0].offset if retained else last + 1
+        visible = max(last + 1 - first, 0)  # retained offsets are contiguous: a prefix is visible
         if epoch is not None and epoch != topic.epoch:
-            return Replay(tuple(retained), False)
+            return Replay(tuple(islice(retained, visible)), False)
         if since > last:  # the client is ahead of this history: it cannot be ours
             return Replay((), False)
-        first = retained[0].offset if retained else last + 1
-        messages = tuple(islice(retained, max(since + 1 - first, 0), None))
+        messages = tuple(islice(retained, max(since + 1 - first, 0), visible))
         return Replay(messages, first <= since + 1)
 
-    def _visible(self, topic: _Topic) -> tuple[list[Stored], int]:
-        """The committed part of the retained tail and its last offset (the high-water mark)."""
+    def _high_water(self, topic: _Topic) -> int:
+        """The topic's last committed offset: appends not yet on disk are seen by nobody."""
         committed = self.committed_seq
-        retained = list(topic.retained)
         last = topic.last
-        while retained and retained[-1].seq > committed:
-            last = retained.pop().offset - 1
-        return retained, last
+        for stored in reversed(topic.retained):  # only the uncommitted tail is walked
+            if stored.seq <= committed:
+                break
+            last = stored.offset - 1
+        return last
 
     def take_pending(self) -> list[Stored]:
         """The appends not yet handed to the committer, oldest first (may be empty)."""
