@@ -122,7 +122,7 @@ async def test_two_clients_chat(server: RunningServer, pki: TestPki) -> None:
     async with chat_as(server, pki, "alice") as alice, chat_as(server, pki, "bob") as bob:
         assert (alice.user_name, bob.user_name) == ("alice", "bob")
         assert alice.session and alice.session != bob.session
-        sub_id = await bob.subscribe("/topic/lobby")
+        sub_id = (await bob.subscribe("/topic/lobby")).id
         before = time.time() * 1000
         await alice.send("/topic/lobby", "hello, bob")
         got = await next_message(bob)
@@ -144,7 +144,7 @@ async def test_subscribe_receipt_means_active(server: RunningServer, pki: TestPk
 
 async def test_wildcards_unsubscribe_and_binary(server: RunningServer, pki: TestPki) -> None:
     async with chat_as(server, pki, "alice") as alice, chat_as(server, pki, "bob") as bob:
-        sub_id = await bob.subscribe("/topic/dev.#")
+        sub_id = (await bob.subscribe("/topic/dev.#")).id
         await alice.send("/topic/dev.backend", b"\x00\xff binary", content_type="application/x")
         got = await next_message(bob)
         assert (got.destination, got.body) == ("/topic/dev.backend", b"\x00\xff binary")
@@ -287,7 +287,7 @@ async def test_several_frames_in_one_message(nursery: trio.Nursery, pki: TestPki
     url = await start_fake(nursery, pki, script)
     async with connect(url, pki.client_context("alice"), "t", heartbeat=(0, 0)) as client:
         assert (await next_message(client)).subscription == "early"
-        sub_id = await client.subscribe("/topic/lobby")
+        sub_id = (await client.subscribe("/topic/lobby")).id
         first, second = await next_message(client), await next_message(client)
     assert [first.text, second.text] == ["msg-1", "msg-2"]
     assert first.subscription == second.subscription == sub_id

@@ -250,6 +250,93 @@ async def test_lost_history_is_reported_and_its_new_epoch_delivered(
     assert texts(events) == ["m1", "m2", "m1", "m2"]
 
 
+async def test_quiet_room_resumes_from_its_subscribe_receipt(
+    nursery: trio.Nursery, server: RunningServer, pki: TestPki
+) -> None:
+    """No message was ever seen in the room: the SUBSCRIBE's RECEIPT (epoch, offset) is the
+    position to resume from, so what was sent while away is replayed (PROTOCOL.md §8)."""
+    subscribes: list[Frame] = []
+    connection = itertools.count()
+
+    async def script(ws: WebSocketConnection, parser: FrameParser) -> None:
+        first = next(connection) == 0
+        subscribe = await connect_and_subscribe(ws, parser)
+        subscribes.append(subscribe)
+        if first:
+            await ws.send_message(wire(receipt(subscribe, ("epoch", "e1"), ("offset", "0"))))
+            await ws.aclose(1001)
+            return
+        await ws.send_message(wire(stored(1, subscribe.require("id")), receipt(
+            subscribe, ("recovered", "true"), ("epoch", "e1"), ("offset", "1"))))
+        await answer_receipts(ws, parser)
+
+    url = await start_fake(nursery, pki, script)
+    async with resilient_as(url, server, pki) as bob:
+        await bob.subscribe(LOBBY)
+        events = await events_until(bob, 1)
+    assert texts(events) == ["m1"]
+    assert Recovered(LOBBY, True) in events
+    assert (subscribes[1].get("since-offset"), subscribes[1].get("epoch")) == ("0", "e1")
+
+
+async def test_quiet_room_with_a_new_epoch_resumes_from_the_new_one(
+    nursery: trio.Nursery, server: RunningServer, pki: TestPki
+) -> None:
+    """History lost while the room was quiet: warned once; the next resume starts at the
+    new epoch's beginning instead of warning again (and nothing of it is skipped)."""
+    subscribes: list[Frame] = []
+    connection = itertools.count()
+
+    async def script(ws: WebSocketConnection, parser: FrameParser) -> None:
+        n = next(connection)
+        subscribe = await connect_and_subscribe(ws, parser)
+        subscribes.append(subscribe)
+        if n < 2:
+            answer = (("epoch", "e1"), ("offset", "0")) if n == 0 else (
+                ("recovered", "false"), ("epoch", "e2"), ("offset", "0"))
+            await ws.send_message(wire(receipt(subscribe, *answer)))
+            await ws.aclose(1001)
+            return
+        await ws.send_message(wire(stored(1, subscribe.require("id"), "e2"), receipt(
+            subscribe, ("recovered", "true"), ("epoch", "e2"), ("offset", "1"))))
+        await answer_receipts(ws, parser)
+
+    url = await start_fake(nursery, pki, script)
+    async with resilient_as(url, server, pki) as bob:
+        await bob.subscribe(LOBBY)
+        events = await events_until(bob, 1)
+    assert texts(events) == ["m1"]
+    recovered = [e for e in events if isinstance(e, Recovered)]
+    assert recovered == [Recovered(LOBBY, False), Recovered(LOBBY, True)]
+    resumed = [(f.get("since-offset"), f.get("epoch")) for f in subscribes]
+    assert resumed == [(None, None), ("0", "e1"), ("0", "e2")]
+
+
+async def test_history_on_join_is_marked_even_before_its_receipt(
+    nursery: trio.Nursery, server: RunningServer, pki: TestPki
+) -> None:
+    """`last:N` messages precede the RECEIPT on the wire; the session holds the room's
+    messages until the RECEIPT says where history ends, then marks them."""
+    asked: list[Frame] = []
+
+    async def script(ws: WebSocketConnection, parser: FrameParser) -> None:
+        subscribe = await connect_and_subscribe(ws, parser)
+        asked.append(subscribe)
+        sid = subscribe.require("id")
+        await ws.send_message(wire(stored(4, sid), stored(5, sid)))
+        await ws.send_message(wire(receipt(subscribe, ("epoch", "e1"), ("offset", "5")),
+                                   stored(6, sid)))
+        await answer_receipts(ws, parser)
+
+    url = await start_fake(nursery, pki, script)
+    async with resilient_as(url, server, pki) as bob:
+        await bob.subscribe(LOBBY, last=2)
+        events = await events_until(bob, 3)
+    shown = [(e.text, e.history) for e in events if isinstance(e, Message)]
+    assert shown == [("m4", True), ("m5", True), ("m6", False)]
+    assert asked[0].get("last") == "2"
+
+
 async def test_silent_server_is_left_and_reconnected(
     nursery: trio.Nursery, server: RunningServer, pki: TestPki
 ) -> None:
@@ -379,6 +466,74 @@ async def test_restart_loses_and_duplicates_nothing(servers: Servers, pki: TestP
     offsets = [e.position.offset for e in events if isinstance(e, Message) and e.position]
     assert offsets == [1, 2, 3, 4]
     assert Recovered(LOBBY, True) in events
+
+
+async def test_quiet_room_loses_nothing_across_a_restart(
+    servers: Servers, pki: TestPki
+) -> None:
+    """The issue's reproduction: alice and bob join a room nobody wrote in yet; the server
+    restarts; carol writes at once. Both see it exactly once, and recovered."""
+    quiet = "/topic/quiet2"
+    first = await servers.start()
+    async with resilient_as(first.ws_url, first, pki, "alice") as alice, \
+            resilient_as(first.ws_url, first, pki, "bob") as bob:
+        for session in (alice, bob):
+            await session.subscribe(quiet)
+        await servers.stop()
+        second = await servers.start()
+        async with chat_as(second, pki, "carol") as carol:
+            await carol.send(quiet, "x")
+        seen = {name: await events_until(s, 1) for name, s in (("alice", alice), ("bob", bob))}
+        async with chat_as(second, pki, "carol") as carol:
+            await carol.send(quiet, "y")  # after it: nothing else arrives between
+        for name, session in (("alice", alice), ("bob", bob)):
+            seen[name] += await events_until(session, 1)
+            with trio.fail_after(FAST):
+                while not any(isinstance(e, Recovered) for e in seen[name]):
+                    seen[name].append(await session.receive())
+    for events in seen.values():
+        assert texts(events) == ["x", "y"]
+        assert Recovered(quiet, True) in events
+
+
+async def test_backlog_larger_than_the_outbound_buffer_resumes(
+    servers: Servers, pki: TestPki
+) -> None:
+    """75 x 60 KiB published while bob is away (more than the server's 4 MiB buffer for a
+    connection): the replay is paged as bob reads, so he gets all of it, once, in order."""
+    big = 60 * 1024
+    first = await servers.start()
+    async with resilient_as(first.ws_url, first, pki) as bob:
+        await bob.subscribe(LOBBY)
+        await servers.stop()
+        aside = await servers.start(elsewhere=True)
+        async with chat_as(aside, pki, "alice") as alice:
+            for n in range(75):
+                await alice.send(LOBBY, f"{n:02d}".encode() + b"." * big)
+        await servers.stop()
+        await servers.start()
+        events: list[Event] = []
+        with trio.fail_after(4 * FAST):
+            while sum(isinstance(e, Message) for e in events) < 75:
+                events.append(await bob.receive())
+    got = [e for e in events if isinstance(e, Message)]
+    assert [m.body[:2].decode() for m in got] == [f"{n:02d}" for n in range(75)]
+    assert all(len(m.body) == big + 2 for m in got)
+    assert Recovered(LOBBY, True) in events
+    assert not any(isinstance(e, Reconnecting) and "slow" in e.reason for e in events)
+
+
+async def test_join_with_history_then_live(server: RunningServer, pki: TestPki) -> None:
+    """`last=N`: the room's last N messages first, marked as history, then live ones."""
+    async with chat_as(server, pki, "alice") as alice:
+        for n in range(1, 5):
+            await alice.send(LOBBY, f"m{n}")
+        async with resilient_as(server.ws_url, server, pki) as bob:
+            await bob.subscribe(LOBBY, last=2)
+            await alice.send(LOBBY, "m5")
+            events = await events_until(bob, 3)
+    shown = [(e.text, e.history) for e in events if isinstance(e, Message)]
+    assert shown == [("m3", True), ("m4", True), ("m5", False)]
 
 
 async def test_send_while_offline_waits_for_the_link(servers: Servers, pki: TestPki) -> None:

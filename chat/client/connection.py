@@ -62,6 +62,7 @@ __all__ = [
     "ServerProtocolError",
     "StompClient",
     "StompError",
+    "Subscribed",
     "connect",
     "sole_exception",
 ]
@@ -129,7 +130,7 @@ class Position:
 
     @classmethod
     def of(cls, frame: Frame) -> Position | None:
-        """The MESSAGE's `epoch` and `offset`, or None from a server that keeps no history."""
+        """A MESSAGE's or RECEIPT's `epoch` and `offset`, or None when it has none."""
         epoch, offset = frame.get("epoch"), frame.get("offset")
         if epoch is None or offset is None:
             return None
@@ -148,6 +149,7 @@ class Message:
     body: bytes
     headers: tuple[tuple[str, str], ...]
     position: Position | None = None  # None when the server keeps no history
+    history: bool = False  # asked for with `last:N` when joining: sent before the join
 
     @property
     def text(self) -> str:
@@ -165,6 +167,15 @@ class Message:
             frame.headers,
             Position.of(frame),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """The server's answer to a SUBSCRIBE (its RECEIPT, PROTOCOL.md §8)."""
+
+    id: str
+    start: Position | None  # the topic's position as the subscription began (exact topics)
+    recovered: bool | None  # for a resume: whether everything after `since` was still there
 
 
 def _number(value: str, name: str) -> int:
@@ -219,28 +230,30 @@ class StompClient:
         self,
         destination: str,
         *,
+        since: Position | None = None,
+        last: int = 0,
         receipt: bool = True,
         headers: Sequence[tuple[str, str]] = (),
-    ) -> str:
-        """Subscribe (ack:auto) and return the subscription id; with `receipt`, once active."""
-        sub_id = f"sub-{next(self._ids)}"
-        own = (("destination", destination), ("id", sub_id), ("ack", "auto"))
-        await self._request(Frame("SUBSCRIBE", (*own, *headers)), receipt)
-        return sub_id
+    ) -> Subscribed:
+        """Subscribe (ack:auto); with `receipt`, return once the server says it is active.
 
-    async def subscribe_since(self, destination: str, position: Position) -> tuple[str, bool]:
-        """Subscribe to an exact topic after `position`: the server replays what followed it.
-
-        Returns (subscription id, recovered) once the RECEIPT came: `recovered` is False when
-        the epoch changed or messages after `position` are gone (PROTOCOL.md §8).
+        `since`: resume an exact topic after that position, the server replaying what
+        followed it (PROTOCOL.md §8). `last`: have the last N retained messages of an exact
+        topic first (§11). The answer carries where the subscription starts, so a room in
+        which nothing was received yet can still be resumed.
         """
         sub_id = f"sub-{next(self._ids)}"
-        frame = Frame("SUBSCRIBE", (
-            ("destination", destination), ("id", sub_id), ("ack", "auto"),
-            ("since-offset", str(position.offset)), ("epoch", position.epoch),
-        ))
-        receipt = await self._request(frame, receipt=True)
-        return sub_id, receipt is not None and receipt.get("recovered") == "true"
+        own = [("destination", destination), ("id", sub_id), ("ack", "auto")]
+        if since is not None:
+            own += [("since-offset", str(since.offset)), ("epoch", since.epoch)]
+        if last:
+            own.append(("last", str(last)))
+        answer = await self._request(Frame("SUBSCRIBE", (*own, *headers)), receipt)
+        if answer is None:
+            return Subscribed(sub_id, None, None)
+        recovered = answer.get("recovered")
+        return Subscribed(sub_id, Position.of(answer), None if recovered is None
+                          else recovered == "true")
 
     async def unsubscribe(self, sub_id: str, *, receipt: bool = True) -> None:
         await self._request(Frame("UNSUBSCRIBE", (("id", sub_id),)), receipt)

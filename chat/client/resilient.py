@@ -12,6 +12,11 @@ position (`since-offset`, `epoch`), so the server replays what was missed, each 
 reported by `Recovered`. Rooms with a position are resubscribed first, so that no live
 copy arriving through a wildcard room can overtake their replay.
 
+A room's position is the last message delivered from it or, before any, where its
+subscription began (the SUBSCRIBE's RECEIPT carries `epoch` and `offset`): so a quiet room
+resumes too. While a SUBSCRIBE awaits its RECEIPT, the pump holds back that room's
+messages, so each is judged against what the RECEIPT said (new epoch, history or live).
+
 Sends are never resent once a link died under them: see `ResilientSession.send()`. The
 application must keep taking events; a full channel makes the session wait for it.
 """
@@ -23,7 +28,7 @@ import math
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -45,6 +50,7 @@ from chat.client.connection import (
     ReceiptTimeout,
     StompClient,
     StompError,
+    Subscribed,
     sole_exception,
 )
 from chat.client.http import (
@@ -103,9 +109,9 @@ class Reconnecting:
 @dataclass(frozen=True, slots=True)
 class Recovered:
     """A room resubscribed after a reconnect. `ok` is False when messages sent meanwhile may
-    be missing: the history was lost or expired, the room is a wildcard (not resumable), or
-    no message had been seen in it yet (nothing to resume from). It comes once the server
-    answered the SUBSCRIBE, possibly before the last replayed messages are taken."""
+    be missing: the history was lost or expired, or the room is a wildcard (not resumable).
+    It comes once the server answered the SUBSCRIBE, possibly before the last replayed
+    messages are taken."""
 
     destination: str
     ok: bool
@@ -147,6 +153,8 @@ class _Link:
     subs: dict[str, str] = field(default_factory=dict)  # destination -> subscription id
     left: set[str] = field(default_factory=set)  # ids unsubscribed: late messages are dropped
     ready: bool = False  # every room resubscribed: sends may go
+    joining: dict[str, trio.Event] = field(default_factory=dict)  # set once the RECEIPT is in
+    history: dict[str, Position] = field(default_factory=dict)  # `last:N` joins: up to here
 
 
 class ResilientSession:
@@ -173,7 +181,9 @@ class ResilientSession:
         self._heartbeat = heartbeat
         self._resilience = resilience
         self._rooms: dict[str, bool] = {}  # destination -> active on some link yet, join order
+        self._backlog: dict[str, int] = {}  # destination -> `last:N` asked for on joining
         self._positions: dict[str, Position] = {}  # topic -> last delivered
+        self._starts: dict[str, Position] = {}  # room -> where its subscription began
         self._link: _Link | None = None
         self._started = False
         self._closing = False
@@ -193,15 +203,19 @@ class ResilientSession:
         link = self._link
         return link is not None and link.ready and link.client.failure is None
 
-    async def subscribe(self, destination: str) -> None:
+    async def subscribe(self, destination: str, *, last: int = 0) -> None:
         """Join a room, kept across reconnects; returns once active, or at once while
         offline (it is subscribed when the link is back). A room the server refuses is
-        forgotten and its `StompError` raised."""
+        forgotten and its `StompError` raised.
+
+        `last` (exact rooms): the room's last N messages come first, marked `history`.
+        """
         self._check()
         if destination in self._rooms:
             return
         self._rooms[destination] = False
-        self._positions.pop(destination, None)  # resume only from what this join delivers
+        self._backlog[destination] = last
+        self._forget(destination)  # resume only from what this join delivers
         link = self._link
         if link is None or not link.ready:
             return  # the resubscription under way or the next one takes it
@@ -218,7 +232,7 @@ class ResilientSession:
         if destination not in self._rooms:
             return
         del self._rooms[destination]
-        self._positions.pop(destination, None)
+        self._forget(destination)
         link = self._link
         if link is not None:
             await self._leave(link, destination)
@@ -361,8 +375,11 @@ class ResilientSession:
                 message = await link.client.receive()
             except ClientError:
                 return
+            joining = link.joining.get(message.destination)
+            if joining is not None:
+                await joining.wait()
             if self._is_new(link, message):
-                await self._events_in.send(message)
+                await self._events_in.send(_marked(link, message))
                 # Recorded only once delivered: a send cut short is replayed on resume.
                 if message.position is not None:
                     self._positions[message.destination] = message.position
@@ -386,7 +403,7 @@ class ResilientSession:
         """Every room on the new link, those with a position (replayed) first; rooms
         joined meanwhile too."""
         while pending := [room for room in self._rooms if room not in link.subs]:
-            pending.sort(key=lambda room: room not in self._positions)
+            pending.sort(key=lambda room: self._resume_point(room) is None)
             for room in pending:
                 if room in self._rooms:  # not left meanwhile
                     await self._join(link, room)
@@ -394,18 +411,54 @@ class ResilientSession:
     async def _join(self, link: _Link, room: str) -> None:
         """SUBSCRIBE on `link`, from the room's position when it has one."""
         rejoining = self._rooms.get(room, False)
-        position = self._positions.get(room)
-        if position is None:
-            sub_id, ok = await link.client.subscribe(room), False
-        else:
-            sub_id, ok = await link.client.subscribe_since(room, position)
-        link.subs[room] = sub_id
+        since = self._resume_point(room)
+        last = self._backlog.get(room, 0) if since is None else 0
+        link.joining[room] = joined = trio.Event()
+        try:
+            subscribed = await link.client.subscribe(room, since=since, last=last)
+            self._began(link, room, since, last, subscribed)
+        finally:
+            del link.joining[room]
+            joined.set()
+        link.subs[room] = subscribed.id
         if room not in self._rooms:  # left while we subscribed
             await self._leave(link, room)
             return
         self._rooms[room] = True
         if rejoining:
-            await self._events_in.send(Recovered(room, ok))
+            await self._events_in.send(Recovered(room, bool(subscribed.recovered)))
+
+    def _began(
+        self, link: _Link, room: str, since: Position | None, last: int, subscribed: Subscribed
+    ) -> None:
+        """Record where a subscription began (its RECEIPT), before its messages are judged."""
+        start = subscribed.start
+        if start is None:  # a wildcard room, or a server without history
+            return
+        if since is None:
+            self._starts[room] = start
+            if last:
+                link.history[room] = start
+        elif since.epoch != start.epoch:  # history lost: all of the new epoch is news
+            self._positions.pop(room, None)
+            self._starts[room] = Position(start.epoch, 0)
+
+    def _resume_point(self, room: str) -> Position | None:
+        """Where to resume `room`: the later of the last delivered and where it began.
+
+        Starting past undelivered history (`last:N`) is fine; a resume's own replay never
+        moves the start, so what was missed is never skipped.
+        """
+        delivered, start = self._positions.get(room), self._starts.get(room)
+        if delivered is None or (start is not None and start.epoch != delivered.epoch):
+            return start or delivered
+        if start is None or delivered.offset >= start.offset:
+            return delivered
+        return start
+
+    def _forget(self, room: str) -> None:
+        self._positions.pop(room, None)
+        self._starts.pop(room, None)
 
     async def _leave(self, link: _Link, room: str) -> None:
         sub_id = link.subs.pop(room, None)
@@ -450,6 +503,17 @@ class ResilientSession:
         if link is not None and trio.current_effective_deadline() != -math.inf:
             with trio.move_on_after(2 * CLOSE_TIMEOUT):
                 await link.client.disconnect()
+
+
+def _marked(link: _Link, message: Message) -> Message:
+    """`message`, flagged `history` when it came from before a `last:N` join."""
+    until, position = link.history.get(message.destination), message.position
+    if (
+        until is None or position is None or position.epoch != until.epoch
+        or position.offset > until.offset
+    ):
+        return message
+    return replace(message, history=True)
 
 
 @asynccontextmanager
