@@ -73,6 +73,10 @@ class KeyPassphraseRequired(PkiError):
         self.path = path
 
 
+class CertificateNotCurrent(PkiError):
+    """A certificate past its end, or before its start: refused before any server sees it."""
+
+
 class WrongPassphrase(PkiError):
     """The passphrase does not decrypt the private key."""
 
@@ -433,11 +437,52 @@ def _trust(ctx: ssl.SSLContext, ca: Path) -> x509.Certificate:
 def _present(ctx: ssl.SSLContext, cert: Path, key: Path, passphrase: bytes | None) -> None:
     """Load our certificate and key, checking them first so errors name the file."""
     certificate = load_certificate(cert)
+    check_current(certificate, cert, datetime.now(UTC))
     private_key = load_private_key(key, passphrase)
     if _public_der(private_key.public_key()) != _public_der(certificate.public_key()):
         raise PkiError(f"{key} is not the private key of {cert}")
     with _openssl_refusal(key):
         ctx.load_cert_chain(str(cert), str(key), password=passphrase)
+
+
+def check_current(cert: x509.Certificate, path: Path, now: datetime) -> None:
+    """Refuse a certificate outside its validity period: every server would refuse it."""
+    renew = f"make a new one with `chat-certs client {path.stem} --force`"
+    if now > cert.not_valid_after_utc:
+        raise CertificateNotCurrent(
+            f"{path} expired on {_when(cert.not_valid_after_utc)}; {renew}"
+        )
+    if now < cert.not_valid_before_utc:
+        raise CertificateNotCurrent(
+            f"{path} is not valid before {_when(cert.not_valid_before_utc)}; check this "
+            "computer's clock"
+        )
+
+
+def rejection_cause(cert_path: Path, ca_path: Path) -> str | None:
+    """Why a server trusting `ca_path` (and the CRL beside it) refuses `cert_path`, when the
+    files here tell: another CA issued it, or the CRL lists it. None when they do not."""
+    try:
+        cert, ca_cert = load_certificate(cert_path), load_certificate(ca_path)
+    except PkiError:
+        return None
+    try:
+        _check_issued_by(cert, ca_cert, cert_path)
+    except PkiError as exc:
+        return str(exc)
+    crl_path = DevPki.at(Path(ca_path).parent).crl
+    try:
+        crl = load_crl(crl_path, ca_cert)
+    except PkiError:  # none here, or not this CA's: it tells nothing
+        return None
+    entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    if entry is None:
+        return None
+    return f"{cert_path} is revoked: {crl_path} lists it since {_when(entry.revocation_date_utc)}"
+
+
+def _when(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 @contextmanager

@@ -161,9 +161,13 @@ def test_handshake_fails_with_expired_client_certificate(dev: DevPki, tmp_path: 
         .sign(ca_key, hashes.SHA256())
     )
     crt, key_path = write_pair(tmp_path, "alice", key, cert)
+    with pytest.raises(pki.CertificateNotCurrent, match="expired on"):
+        pki.client_ssl_context(crt, key_path, dev.ca)  # ours refuses before any handshake
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # another client would present it
+    client.load_verify_locations(cafile=str(dev.ca))
+    client.load_cert_chain(str(crt), str(key_path))
     server, _ = contexts(dev)
-    outcome = handshake(server, pki.client_ssl_context(crt, key_path, dev.ca))
-    assert_verify_failed(outcome, "certificate has expired")
+    assert_verify_failed(handshake(server, client), "certificate has expired")
 
 
 def test_revoked_client_fails_handshake_and_others_still_pass(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Protocol
 import trio
 
 from chat.client.backoff import DEFAULT_BACKOFF, Backoff
-from chat.client.connection import StompClient, connect
+from chat.client.connection import WS_PATH, StompClient, connect
 from chat.client.http import (
     HTTP_SCHEMES,
     HTTP_TIMEOUT,
@@ -284,7 +284,7 @@ def server_urls(url: str) -> tuple[str, str]:
     """(https base URL, wss URL) from either: the token endpoints and /ws share one listener."""
     if url.startswith("https://"):
         parsed = parse_url(url, HTTP_SCHEMES)
-        return f"https://{parsed.endpoint}", f"wss://{parsed.endpoint}/ws"
+        return f"https://{parsed.endpoint}", f"wss://{parsed.endpoint}{WS_PATH}"
     parsed = parse_url(url, WS_SCHEMES)
     return f"https://{parsed.endpoint}", url
 

@@ -36,7 +36,7 @@ from chat.client.terminal import (
     room_of,
 )
 from chat.errors import InvalidDestination
-from chat.pki import PkiError
+from chat.pki import PkiError, rejection_cause
 
 PROG = "chat-client"
 EXIT_OK = 0
@@ -301,10 +301,15 @@ async def _run(options: Options) -> int:
     interrupts = _Interrupts()
     try:
         await first_of(partial(_connected, options, interrupts), interrupts.watch)
-    except TlsFailure as exc:  # name the file the refused check was about
-        ours = options.cert if exc.rejected_by_server else options.ca
-        files = f"we presented {ours}" if exc.rejected_by_server else f"our CA: {ours}"
-        raise TlsFailure(f"{exc} ({files})", rejected_by_server=exc.rejected_by_server) from exc
+    except TlsFailure as exc:  # name the file the refused check was about, and why if we can
+        cause = rejection_cause(options.cert, options.ca) if exc.rejected_by_server else None
+        if cause is not None:
+            said = f"{exc}: {cause}"
+        elif exc.rejected_by_server:
+            said = f"{exc} (we presented {options.cert})"
+        else:
+            said = f"{exc} (our CA: {options.ca})"
+        raise TlsFailure(said, rejected_by_server=exc.rejected_by_server) from exc
     if interrupts.received and options.send is not None:
         return EXIT_INTERRUPTED
     return EXIT_OK

@@ -20,6 +20,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import cast
 
 import trio
@@ -31,7 +32,6 @@ from chat.client.http import (
     BadResponse,
     ClientError,
     ConnectionLost,
-    Endpoint,
     ServerUnreachable,
     ServerUrl,
     TokenGrant,
@@ -70,6 +70,7 @@ __all__ = [
 STOMP_SUBPROTOCOL = "v12.stomp"  # PROTOCOL.md §2: the only version we speak
 BEARER_PREFIX = "bearer."  # PROTOCOL.md §2: the token rides in Sec-WebSocket-Protocol
 TOKEN_DESTINATION = "/session/token"  # PROTOCOL.md §7: in-band token renewal
+WS_PATH = "/ws"  # PROTOCOL.md §1: where the server serves STOMP
 TEXT_PLAIN = "text/plain;charset=utf-8"  # what send() says a str body is
 HANDSHAKE_TIMEOUT = 10.0  # TLS + upgrade + CONNECTED: a live server answers in milliseconds
 RECEIPT_TIMEOUT = 10.0  # a RECEIPT means "stored"; a server this slow is stuck
@@ -603,10 +604,10 @@ class _ReaderHost:
     instead of an exception tearing through the connection's nursery.
     """
 
-    def __init__(self, nursery: trio.Nursery, stream: WatchedStream, endpoint: Endpoint) -> None:
+    def __init__(self, nursery: trio.Nursery, stream: WatchedStream, url: ServerUrl) -> None:
         self._nursery = nursery
         self._stream = stream
-        self._endpoint = endpoint
+        self._url = url
 
     def start_soon(self, async_fn: Callable[[], Awaitable[object]]) -> None:
         self._nursery.start_soon(self._guarded, async_fn)
@@ -616,10 +617,10 @@ class _ReaderHost:
             await async_fn()
             return
         except ConnectionRejected as exc:
-            failure = _rejection(exc)
+            failure = _rejection(exc, self._url)
         except Exception as exc:  # trio-websocket choked on what the server sent
             failure = BadResponse(
-                f"{self._endpoint} does not speak WebSocket as expected "
+                f"{self._url.endpoint} does not speak WebSocket as expected "
                 f"({type(exc).__name__}: {exc})"
             )
         self._stream.fail(failure)
@@ -636,7 +637,7 @@ async def _upgrade(
     so a broken stream cancels the wait.
     """
     ws: WebSocketConnection | None = None
-    host = cast(trio.Nursery, _ReaderHost(nursery, transport, url.endpoint))
+    host = cast(trio.Nursery, _ReaderHost(nursery, transport, url))
     async with trio.open_nursery() as race:
         race.start_soon(_cancel_when_set, transport.broken, race.cancel_scope)
         ws = await trio_websocket.wrap_client_stream(
@@ -687,8 +688,15 @@ async def _stomp_connect(
     return first, early
 
 
-def _rejection(exc: ConnectionRejected) -> ClientError:
-    """A refused upgrade: TokenRefused with the JSON code (PROTOCOL.md §2's table)."""
+def _rejection(exc: ConnectionRejected, url: ServerUrl) -> ClientError:
+    """A refused upgrade: TokenRefused with the JSON code (PROTOCOL.md §2's table), or, for
+    a path the server does not serve, an error saying so (it has nothing to do with tokens)."""
+    if exc.status_code == HTTPStatus.NOT_FOUND:
+        return BadResponse(
+            f"{url.scheme}://{url.endpoint}{url.path} is not the chat's WebSocket endpoint "
+            f"(HTTP 404 for the path {url.path!r}): the path is {WS_PATH}, as in "
+            f"{url.scheme}://{url.endpoint}{WS_PATH}"
+        )
     try:
         payload = json.loads(exc.body or b"")
     except (UnicodeDecodeError, json.JSONDecodeError):
