@@ -3,7 +3,7 @@
 How this works: every published message gets its topic's next `offset` (1, 2, ...) under the
 topic's `epoch`, an opaque id of that topic's history. Offsets are assigned synchronously, in
 memory, when the message is published, and the retained tail of each topic (at most
-`max_count` messages, none older than `max_age`) lives in a deque, so `replay()` is
+`max_count` messages, none older than `max_age`) lives in a deque, so `read()` is
 synchronous and a subscriber's replay plus live fan-out has no gap and no duplicate.
 
 Durability is asynchronous (group commit): `append()` also queues the message; a committer
@@ -15,9 +15,13 @@ append carries a store-wide `seq`; the server sends a SEND's RECEIPT only once
 message row is keyed by (destination, offset); pruning is by offset range (count) and by a
 timestamp index (age), so it costs little per batch.
 
+Replays are read in pages: `resume()` says where a subscriber's replay starts,
+and `read()` returns the committed messages after the offset it has reached so far, or
+raises `HistoryGap` when retention dropped some it has not been sent yet.
+
 On startup the store loads every topic's epoch, last offset and retained tail: offsets continue
 and epochs are unchanged, also after a crash. That is safe because the server shows a message
-to nobody before it is committed (the high-water mark: `replay` and `position` see only
+to nobody before it is committed (the high-water mark: `read` and `position` see only
 committed messages, and live fan-out waits for the commit), so an offset lost in a crash was
 never seen and may be given again. A memory store loses everything when the process ends, so
 every topic gets a new epoch then (a fresh random one is minted on first use). Pure module: no trio.
@@ -104,11 +108,23 @@ class Stored:
 
 
 @dataclass(frozen=True, slots=True)
-class Replay:
-    """What a resuming subscriber gets before live messages."""
+class Position:
+    """Where a subscription made now starts (PROTOCOL.md §8: the SUBSCRIBE RECEIPT says it)."""
 
-    messages: tuple[Stored, ...]  # retained messages with offset > since, in order
+    epoch: str
+    offset: int  # the topic's last committed offset
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a resuming subscriber's replay starts."""
+
+    after: int  # replay the committed messages with a greater offset
     recovered: bool  # False when the epoch differs or messages after `since` are gone
+
+
+class HistoryGap(LookupError):
+    """Messages a replay has not sent yet are no longer retained (or the epoch changed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,12 +310,16 @@ class History:
 
     def epoch(self, destination: str) -> str:
         """The topic's current epoch, minting one for a topic seen for the first time."""
-        return (self._topics.get(destination) or self._new_topic(destination)).epoch
+        return self._topic(destination).epoch
 
-    def position(self, destination: str) -> tuple[str, int]:
-        """(epoch, last committed offset) of a topic: where a subscription made now starts."""
-        topic = self._topics.get(destination) or self._new_topic(destination)
-        return topic.epoch, self._high_water(topic)
+    def position(self, destination: str) -> Position:
+        """Where a subscription made now starts."""
+        topic = self._topic(destination)
+        return Position(topic.epoch, self._high_water(topic))
+
+    def _topic(self, destination: str) -> _Topic:
+        """The topic, minted when seen for the first time."""
+        return self._topics.get(destination) or self._new_topic(destination)
 
     def _new_topic(self, destination: str) -> _Topic:
         topic = self._topics[destination] = _Topic(new_epoch(), 0, (), self._retention.max_count)
@@ -334,22 +354,34 @@ class History:
         while retained and retained[0].timestamp_ms < cutoff:
             retained.popleft()
 
-    def replay(self, destination: str, since: int, epoch: str | None, now_ms: int) -> Replay:
-        """The retained messages a subscriber resuming after offset `since` of `epoch` missed."""
-        topic = self._topics.get(destination)
-        if topic is None:  # nothing was ever published here; any epoch the client names is old
-            return Replay((), since == 0 and epoch is None)
+    def resume(self, destination: str, since: int, epoch: str | None, now_ms: int) -> Resume:
+        """Where the replay of a subscriber resuming after offset `since` of `epoch` starts."""
+        topic = self._topic(destination)
+        first, last = self._window(topic, now_ms)
+        if epoch is not None and epoch != topic.epoch:  # another history: all we have, unrecovered
+            return Resume(first - 1, False)
+        if since > last:  # the client is ahead of this history: it cannot be ours
+            return Resume(last, False)
+        return Resume(max(since, first - 1), first <= since + 1)
+
+    def read(self, destination: str, after: int, epoch: str, now_ms: int) -> Iterator[Stored]:
+        """The committed messages after offset `after` of `epoch`, oldest first.
+
+        Raises `HistoryGap` if any of them is no longer retained. Consume the iterator before
+        the next append (it walks the retained deque).
+        """
+        topic = self._topic(destination)
+        first, last = self._window(topic, now_ms)
+        if epoch != topic.epoch or (after < last and first > after + 1):
+            raise HistoryGap(f"{destination}: messages after {after} of epoch {epoch} are gone")
+        return islice(topic.retained, max(after + 1 - first, 0), max(last + 1 - first, 0))
+
+    def _window(self, topic: _Topic, now_ms: int) -> tuple[int, int]:
+        """(first retained offset, last committed offset); retained offsets are contiguous."""
         retained = topic.retained
         self._expire(retained, now_ms)
         last = self._high_water(topic)
-        first = retained[0].offset if retained else last + 1
-        visible = max(last + 1 - first, 0)  # retained offsets are contiguous: a prefix is visible
-        if epoch is not None and epoch != topic.epoch:
-            return Replay(tuple(islice(retained, visible)), False)
-        if since > last:  # the client is ahead of this history: it cannot be ours
-            return Replay((), False)
-        messages = tuple(islice(retained, max(since + 1 - first, 0), visible))
-        return Replay(messages, first <= since + 1)
+        return (retained[0].offset if retained else last + 1), last
 
     def _high_water(self, topic: _Topic) -> int:
         """The topic's last committed offset: appends not yet on disk are seen by nobody."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 import stat
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chat.history import History, Replay, Retention, Stored
+from chat.history import History, HistoryGap, Position, Retention, Stored
 
 NOW = time.time_ns() // 1_000_000  # ms; loading from disk prunes by the real clock
 A = "/topic/a"
@@ -23,6 +24,23 @@ def _publish(history: History, destination: str, n: int, ts: int = NOW) -> list[
         history.append(destination, "alice", "text/plain", f"m{i}".encode(), (), ts)
         for i in range(n)
     ]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Everything a resuming subscriber is sent, and the RECEIPT's `recovered`."""
+
+    messages: tuple[Stored, ...]
+    recovered: bool
+
+
+def _resume(
+    history: History, destination: str, since: int, epoch: str | None, now_ms: int
+) -> Replay:
+    """A whole replay at once: where `resume` starts it, then `read` to the high-water mark."""
+    start = history.resume(destination, since, epoch, now_ms)
+    read = history.read(destination, start.after, history.epoch(destination), now_ms)
+    return Replay(tuple(read), start.recovered)
 
 
 def _offsets(replay: Replay) -> list[int]:
@@ -79,7 +97,7 @@ def test_memory_store_restart_mints_new_epochs() -> None:
     after = History.memory()
     assert after.epoch(A) != before.epoch(A)
     assert after.append(A, "alice", "t", b"", (), NOW).offset == 1
-    replay = after.replay(A, 3, before.epoch(A), NOW)
+    replay = _resume(after, A, 3, before.epoch(A), NOW)
     assert replay.recovered is False
     assert _offsets(replay) == [1]
 
@@ -113,7 +131,7 @@ def test_replay_since(since: int, expected: list[int], recovered: bool) -> None:
     history = History.memory()
     _publish(history, A, 5)
     for epoch in (None, history.epoch(A)):
-        replay = history.replay(A, since, epoch, NOW)
+        replay = _resume(history, A, since, epoch, NOW)
         assert (_offsets(replay), replay.recovered) == (expected, recovered)
 
 
@@ -121,31 +139,31 @@ def test_replay_is_per_topic() -> None:
     history = History.memory()
     _publish(history, A, 2)
     _publish(history, B, 3)
-    assert {m.destination for m in history.replay(B, 0, None, NOW).messages} == {B}
+    assert {m.destination for m in _resume(history, B, 0, None, NOW).messages} == {B}
 
 
 def test_epoch_mismatch_replays_everything_retained() -> None:
     history = History.memory()
     _publish(history, A, 4)
-    replay = history.replay(A, 3, "0123456789ab", NOW)
+    replay = _resume(history, A, 3, "0123456789ab", NOW)
     assert (_offsets(replay), replay.recovered) == ([1, 2, 3, 4], False)
 
 
 def test_replay_of_unknown_topic() -> None:
     history = History.memory()
-    assert history.replay(A, 0, None, NOW) == Replay((), True)
-    assert history.replay(A, 3, None, NOW) == Replay((), False)
-    assert history.replay(A, 0, "0123456789ab", NOW) == Replay((), False)
+    assert _resume(history, A, 0, None, NOW) == Replay((), True)
+    assert _resume(history, A, 3, None, NOW) == Replay((), False)
+    assert _resume(history, A, 0, "0123456789ab", NOW) == Replay((), False)
 
 
 def test_retention_by_count_leaves_a_gap() -> None:
     history = History(Retention(max_count=3))
     _publish(history, A, 5)
-    replay = history.replay(A, 0, None, NOW)
+    replay = _resume(history, A, 0, None, NOW)
     assert (_offsets(replay), replay.recovered) == ([3, 4, 5], False)
-    replay = history.replay(A, 1, None, NOW)
+    replay = _resume(history, A, 1, None, NOW)
     assert (_offsets(replay), replay.recovered) == ([3, 4, 5], False)
-    replay = history.replay(A, 2, None, NOW)
+    replay = _resume(history, A, 2, None, NOW)
     assert (_offsets(replay), replay.recovered) == ([3, 4, 5], True)
 
 
@@ -153,15 +171,15 @@ def test_retention_by_age() -> None:
     history = History(Retention(max_age=10.0))
     _publish(history, A, 2, ts=NOW)
     _publish(history, A, 2, ts=NOW + 5_000)
-    replay = history.replay(A, 0, None, NOW + 10_000)
+    replay = _resume(history, A, 0, None, NOW + 10_000)
     assert (_offsets(replay), replay.recovered) == ([1, 2, 3, 4], True)
-    replay = history.replay(A, 0, None, NOW + 12_000)
+    replay = _resume(history, A, 0, None, NOW + 12_000)
     assert (_offsets(replay), replay.recovered) == ([3, 4], False)
-    replay = history.replay(A, 2, None, NOW + 12_000)
+    replay = _resume(history, A, 2, None, NOW + 12_000)
     assert (_offsets(replay), replay.recovered) == ([3, 4], True)
-    replay = history.replay(A, 4, None, NOW + 60_000)
+    replay = _resume(history, A, 4, None, NOW + 60_000)
     assert (_offsets(replay), replay.recovered) == ([], True)
-    replay = history.replay(A, 3, None, NOW + 60_000)
+    replay = _resume(history, A, 3, None, NOW + 60_000)
     assert (_offsets(replay), replay.recovered) == ([], False)
 
 
@@ -169,7 +187,53 @@ def test_append_expires_old_messages() -> None:
     history = History(Retention(max_age=1.0))
     _publish(history, A, 3, ts=NOW)
     _publish(history, A, 1, ts=NOW + 2_000)
-    assert _offsets(history.replay(A, 0, None, NOW)) == [4]
+    assert _offsets(_resume(history, A, 0, None, NOW)) == [4]
+
+
+# ---------------------------------------------------------------- paged reads (PROTOCOL.md §11)
+
+
+def test_read_pages_from_any_offset_up_to_the_high_water_mark(db_path: Path) -> None:
+    history = History.open_sqlite(db_path)
+    _publish(history, A, 5)
+    _commit_all(history)
+    _publish(history, A, 2)  # not committed: nobody may see offsets 6 and 7 yet
+    epoch = history.epoch(A)
+    assert [m.offset for m in history.read(A, 0, epoch, NOW)] == [1, 2, 3, 4, 5]
+    assert [m.offset for m in history.read(A, 3, epoch, NOW)] == [4, 5]
+    assert list(history.read(A, 5, epoch, NOW)) == []
+    _commit_all(history)
+    assert [m.offset for m in history.read(A, 5, epoch, NOW)] == [6, 7]
+    history.close()
+
+
+def test_read_past_what_retention_keeps_is_a_gap() -> None:
+    history = History(Retention(max_count=3))
+    _publish(history, A, 3)
+    epoch = history.epoch(A)
+    assert [m.offset for m in history.read(A, 0, epoch, NOW)] == [1, 2, 3]
+    _publish(history, A, 2)  # offsets 1 and 2 drop out of the retained tail
+    with pytest.raises(HistoryGap):
+        history.read(A, 0, epoch, NOW)
+    with pytest.raises(HistoryGap):
+        history.read(A, 1, epoch, NOW)
+    assert [m.offset for m in history.read(A, 2, epoch, NOW)] == [3, 4, 5]
+    assert list(history.read(A, 5, epoch, NOW)) == []  # caught up: nothing is missing
+
+
+def test_read_past_what_age_keeps_is_a_gap() -> None:
+    history = History(Retention(max_age=1.0))
+    _publish(history, A, 2, ts=NOW)
+    with pytest.raises(HistoryGap):
+        history.read(A, 0, history.epoch(A), NOW + 2_000)
+    assert list(history.read(A, 2, history.epoch(A), NOW + 2_000)) == []
+
+
+def test_read_of_another_epoch_is_a_gap() -> None:
+    history = History.memory()
+    _publish(history, A, 2)
+    with pytest.raises(HistoryGap):
+        history.read(A, 0, "0123456789ab", NOW)
 
 
 @settings(max_examples=200, deadline=None)
@@ -192,7 +256,7 @@ def test_replay_returns_exactly_the_retained_messages_after_since(
     for destination, messages in published.items():
         kept = messages[-max_count:] if max_count else []
         retained = [m for m in kept if m.timestamp_ms >= now - 10_000]
-        replay = history.replay(destination, since, None, now)
+        replay = _resume(history, destination, since, None, now)
         last = len(messages)
         if since > last:
             assert replay == Replay((), False)
@@ -230,7 +294,7 @@ def test_commit_twice_is_harmless(db_path: Path) -> None:
     history.commit(batch)
     history.close()
     reopened = History.open_sqlite(db_path)
-    assert _offsets(reopened.replay(A, 0, None, NOW)) == [1, 2, 3]
+    assert _offsets(_resume(reopened, A, 0, None, NOW)) == [1, 2, 3]
     reopened.close()
 
 
@@ -243,12 +307,12 @@ def test_reopen_continues_offsets_with_same_epoch(db_path: Path) -> None:
     _publish(history, B, 1)
     _commit_all(history)
     epoch_a, epoch_b = history.epoch(A), history.epoch(B)
-    before = history.replay(A, 0, None, NOW)
+    before = _resume(history, A, 0, None, NOW)
     history.close()
 
     reopened = History.open_sqlite(db_path)
     assert (reopened.epoch(A), reopened.epoch(B)) == (epoch_a, epoch_b)
-    after = reopened.replay(A, 0, epoch_a, NOW)
+    after = _resume(reopened, A, 0, epoch_a, NOW)
     assert after.recovered is True
     assert [(m.offset, m.body, m.headers, m.epoch) for m in after.messages] == [
         (m.offset, m.body, m.headers, m.epoch) for m in before.messages
@@ -269,7 +333,7 @@ def test_close_commits_what_is_pending(db_path: Path) -> None:
     history.close()
     assert history.committed_seq == 2
     reopened = History.open_sqlite(db_path)
-    assert _offsets(reopened.replay(A, 0, None, NOW)) == [1, 2]
+    assert _offsets(_resume(reopened, A, 0, None, NOW)) == [1, 2]
     reopened.close()
 
 
@@ -280,13 +344,13 @@ def test_crash_keeps_epochs_and_reuses_only_offsets_nobody_saw(db_path: Path) ->
     _commit_all(crashed)
     _publish(crashed, A, 2)  # appended, never committed, then the process dies
     # the high-water mark: uncommitted messages are invisible to replay and position
-    assert _offsets(crashed.replay(A, 0, None, NOW)) == [1, 2, 3]
-    assert crashed.position(A) == (crashed.epoch(A), 3)
+    assert _offsets(_resume(crashed, A, 0, None, NOW)) == [1, 2, 3]
+    assert crashed.position(A) == Position(crashed.epoch(A), 3)
     old_a, old_b = crashed.epoch(A), crashed.epoch(B)
 
     restarted = History.open_sqlite(db_path)
     assert (restarted.epoch(A), restarted.epoch(B)) == (old_a, old_b)
-    replay = restarted.replay(A, 3, old_a, NOW)
+    replay = _resume(restarted, A, 3, old_a, NOW)
     assert (_offsets(replay), replay.recovered) == ([], True)
     assert restarted.append(A, "alice", "t", b"new", (), NOW).offset == 4
     restarted.close()
@@ -301,9 +365,9 @@ def test_a_lost_batch_is_a_gap_not_wrong_data(db_path: Path) -> None:
     history.close()
     reopened = History.open_sqlite(db_path)
     assert [m.offset for m in lost] == [1, 2]
-    replay = reopened.replay(A, 0, None, NOW)
+    replay = _resume(reopened, A, 0, None, NOW)
     assert (_offsets(replay), replay.recovered) == ([3, 4], False)
-    replay = reopened.replay(A, 2, None, NOW)
+    replay = _resume(reopened, A, 2, None, NOW)
     assert (_offsets(replay), replay.recovered) == ([3, 4], True)
     reopened.close()
 
@@ -316,7 +380,7 @@ def test_sqlite_retention_by_count(db_path: Path) -> None:
     _commit_all(history)
     history.close()
     reopened = History.open_sqlite(db_path, Retention(max_count=2))
-    replay = reopened.replay(A, 0, None, NOW)
+    replay = _resume(reopened, A, 0, None, NOW)
     assert (_offsets(replay), replay.recovered) == ([6, 7], False)
     assert reopened.append(A, "alice", "t", b"", (), NOW).offset == 8
     reopened.close()
@@ -330,7 +394,7 @@ def test_sqlite_retention_by_age(db_path: Path) -> None:
     _commit_all(history)
     history.close()
     reopened = History.open_sqlite(db_path, Retention(max_age=3600.0))
-    replay = reopened.replay(A, 0, None, now)
+    replay = _resume(reopened, A, 0, None, now)
     assert (_offsets(replay), replay.recovered) == ([3], False)
     reopened.close()
 
@@ -341,7 +405,7 @@ def test_topic_whose_history_expired_keeps_its_offsets(db_path: Path) -> None:
     _commit_all(history)
     history.close()
     reopened = History.open_sqlite(db_path, Retention(max_age=1.0))
-    assert reopened.replay(A, 2, None, NOW) == Replay((), True)
+    assert _resume(reopened, A, 2, None, NOW) == Replay((), True)
     assert reopened.append(A, "alice", "t", b"", (), NOW).offset == 3
     reopened.close()
 
@@ -359,8 +423,8 @@ def test_commit_from_a_worker_thread_while_appending(db_path: Path) -> None:
         assert history.committed_seq == batch[-1].seq
     history.close()
     reopened = History.open_sqlite(db_path)
-    assert _offsets(reopened.replay(A, 0, None, NOW)) == list(range(1, 251))
-    assert _offsets(reopened.replay(B, 0, None, NOW)) == list(range(1, 251))
+    assert _offsets(_resume(reopened, A, 0, None, NOW)) == list(range(1, 251))
+    assert _offsets(_resume(reopened, B, 0, None, NOW)) == list(range(1, 251))
     reopened.close()
 
 

@@ -6,10 +6,11 @@ import signal
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from chat import pki as pki_module
 from chat.server.app import ChatServer
-from chat.stomp import Frame
+from chat.stomp import Frame, encode
 from tests.conftest import RunningServer, StompPeer, TestPki, raw_ws, stomp_peer
 from tests.test_server_cli import start as start_subprocess
 
@@ -284,3 +285,141 @@ async def test_invalid_since_offset(server, pki: TestPki, bad: str) -> None:
         await alice.send("SUBSCRIBE", {"destination": "/topic/a", "id": "s", "since-offset": bad})
         frame = await alice.receive()
     assert (frame.command, frame.get("message")) == ("ERROR", "invalid since-offset")
+
+
+# ---------------------------------------------------------------- paged replay (PROTOCOL.md §11)
+
+BACKLOG = 60  # messages of BODY_BYTES: about 480 KiB, many times SMALL_BUFFER
+BODY_BYTES = 8000
+SMALL_BUFFER = {"outbound_buffer_bytes": 64 * 1024, "max_frame_bytes": 16 * 1024}
+
+
+def backlog_bodies(count: int = BACKLOG) -> list[bytes]:
+    return [f"{n:04}".encode() * (BODY_BYTES // 4) for n in range(1, count + 1)]
+
+
+async def publish_pipelined(peer: StompPeer, destination: str, bodies: list[bytes]) -> None:
+    """SEND them all at once; the last one's RECEIPT means every one is stored (in order)."""
+    for n, body in enumerate(bodies):
+        headers = {"destination": destination}
+        if n == len(bodies) - 1:
+            headers["receipt"] = "pipelined"
+        await peer.send("SEND", headers, body)
+    assert await messages_until_receipt(peer, "pipelined") == []
+
+
+async def send_together(peer: StompPeer, *frames: Frame) -> None:
+    """Several STOMP frames in one WebSocket message: the server handles them in one step."""
+    await peer.ws.send_message(b"".join(encode(frame) for frame in frames).decode())
+
+
+def frame(command: str, **headers: str) -> Frame:
+    return Frame(command, tuple((name.replace("_", "-"), v) for name, v in headers.items()))
+
+
+async def closed_with(peer: StompPeer, message: str, code: int) -> list[Frame]:
+    """The frames up to an ERROR with `message`; then the server closes with `code`."""
+    frames = []
+    while (got := await peer.receive()).command != "ERROR":
+        frames.append(got)
+    assert got.get("message") == message, got
+    with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await peer.ws.get_message()
+    assert closed.value.reason.code == code
+    return frames
+
+
+async def replay_and_receipt(peer: StompPeer, count: int) -> tuple[list[Frame], Frame]:
+    """`count` MESSAGEs and the SUBSCRIBE's RECEIPT, which may come after the first chunk."""
+    frames = [await peer.receive() for _ in range(count + 1)]
+    (receipt,) = [f for f in frames if f.command == "RECEIPT"]
+    return [f for f in frames if f.command == "MESSAGE"], receipt
+
+
+def offsets(frames: list[Frame]) -> list[int]:
+    return [int(f.get("offset")) for f in frames if f.command == "MESSAGE"]
+
+
+async def test_replay_larger_than_the_outbound_buffer_completes(start_server, pki) -> None:
+    server = await start_server(**SMALL_BUFFER)
+    bodies = backlog_bodies()
+    assert sum(map(len, bodies)) > 4 * server.config.outbound_buffer_bytes
+    async with stomp_peer(server, pki, "alice") as alice, stomp_peer(server, pki, "bob") as bob:
+        await publish_pipelined(alice, "/topic/big", bodies)
+        headers = {"destination": "/topic/big", "id": "s", "receipt": "r", "since-offset": "0"}
+        await bob.send("SUBSCRIBE", headers)
+        replayed, receipt = await replay_and_receipt(bob, BACKLOG)
+        await publish(alice, "/topic/big", [b"live"])
+        live = await bob.receive()
+    assert (receipt.get("receipt-id"), receipt.get("offset")) == ("r", str(BACKLOG))
+    assert [f.body for f in replayed] == bodies
+    assert offsets(replayed) == list(range(1, BACKLOG + 1))
+    assert (live.body, live.get("offset"), live.get("subscription")) == (b"live", "61", "s")
+
+
+@pytest.mark.parametrize("history", ["sqlite", "memory"])
+async def test_messages_published_during_a_replay_follow_it_exactly_once(
+    start_server, pki, history: str
+) -> None:
+    server = await start_server(history=history, **SMALL_BUFFER)
+    during = 10
+    async with stomp_peer(server, pki, "alice") as alice, stomp_peer(server, pki, "bob") as bob:
+        await publish_pipelined(alice, "/topic/big", backlog_bodies())
+        # Bob's own SENDs are handled right after the SUBSCRIBE, while its replay has only
+        # pushed its first chunk: they are published mid-replay.
+        sends = [frame("SEND", destination="/topic/big") for _ in range(during - 1)]
+        await send_together(
+            bob,
+            frame("SUBSCRIBE", destination="/topic/big", id="s", since_offset="0"),
+            *sends,
+            frame("SEND", destination="/topic/big", receipt="sent"),
+        )
+        frames = [await bob.receive() for _ in range(BACKLOG + during + 1)]
+    assert [f.get("receipt-id") for f in frames if f.command == "RECEIPT"] == ["sent"]
+    assert offsets(frames) == list(range(1, BACKLOG + during + 1))
+
+
+async def test_unsubscribe_mid_replay_is_clean(start_server, pki) -> None:
+    server = await start_server(**SMALL_BUFFER)
+    async with stomp_peer(server, pki, "alice") as alice, stomp_peer(server, pki, "bob") as bob:
+        await publish_pipelined(alice, "/topic/big", backlog_bodies())
+        await send_together(
+            bob,
+            frame("SUBSCRIBE", destination="/topic/big", id="r", since_offset="0"),
+            frame("UNSUBSCRIBE", id="r", receipt="gone"),
+        )
+        first = await messages_until_receipt(bob, "gone")  # the first chunk, then no more
+        assert len(server.server.broker) == 0  # the replaying subscription never went live
+        seen = str(len(first))
+        await bob.send(
+            "SUBSCRIBE",
+            {"destination": "/topic/big", "id": "again", "since-offset": seen, "receipt": "r"},
+        )
+        rest, again = await replay_and_receipt(bob, BACKLOG - len(first))
+        assert again.get("recovered") == "true"
+        await publish(alice, "/topic/big", [b"live"])
+        live = await bob.receive()
+    assert 0 < len(first) < BACKLOG
+    assert {f.get("subscription") for f in first} == {"r"}
+    assert {f.get("subscription") for f in rest + [live]} == {"again"}
+    assert offsets(first + rest + [live]) == list(range(1, BACKLOG + 2))
+
+
+async def test_replay_that_falls_behind_retention_ends_with_an_error(start_server, pki) -> None:
+    server = await start_server(retention_count=BACKLOG, **SMALL_BUFFER)
+    async with stomp_peer(server, pki, "alice") as alice:
+        await publish_pipelined(alice, "/topic/big", backlog_bodies())
+        async with stomp_peer(server, pki, "bob") as bob:
+            # Ten more messages while bob's replay is at its first chunk: offsets 1-10 drop out.
+            sends = [frame("SEND", destination="/topic/big") for _ in range(10)]
+            await send_together(
+                bob, frame("SUBSCRIBE", destination="/topic/big", id="s", since_offset="0"), *sends
+            )
+            got = await closed_with(bob, "replay fell behind retention", 1008)
+        assert 0 < len(got) < 10 and offsets(got) == list(range(1, len(got) + 1))
+        resume = {"since-offset": str(len(got)), "epoch": got[0].get("epoch"), "receipt": "r"}
+        await alice.send("SUBSCRIBE", {"destination": "/topic/big", "id": "s", **resume})
+        kept, receipt = await replay_and_receipt(alice, BACKLOG)
+    assert receipt.get("recovered") == "false"
+    assert offsets(kept) == list(range(11, BACKLOG + 11))

@@ -3,10 +3,11 @@
 How this works: the connection's nursery runs three tasks. The reader feeds wsproto and
 the STOMP parser and calls the session (which never awaits), so pings and closes are
 always answered. The writer drains the `Outbox`, coalescing whatever is pending into
-one `send_all`. The guard wakes on a timer (heart-beats, token expiry, connect
-deadline) or when the outbox overflows. Whatever ends the connection records an
-`Ending` and cancels the nursery; `run` then performs the close handshake once, under a
-timeout, so every wait on the peer is bounded.
+one `send_all`, and after each one lets the session page in more of any replay (so a
+replay of any size fits the bounded outbox, PROTOCOL.md §11). The guard wakes on a
+timer (heart-beats, token expiry, connect deadline) or when the outbox overflows.
+Whatever ends the connection records an `Ending` and cancels the nursery; `run` then
+performs the close handshake once, under a timeout, so every wait on the peer is bounded.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ class Outbox:
         self._ready = trio.Event()
         self.overflowed = trio.Event()
         self._closed = False
+
+    @property
+    def limit(self) -> int:
+        """Unsent bytes beyond this make the connection a slow consumer."""
+        return self._limit
+
+    @property
+    def pending(self) -> int:
+        """Bytes pushed and not yet taken by the writer."""
+        return len(self._buffer)
 
     def push(self, data: bytes) -> None:
         if self._closed:
@@ -204,6 +215,14 @@ class Connection:
                 self.end(Ending(CloseCode.PROTOCOL_ERROR, "peer vanished"))
                 return
             self._last_sent = trio.current_time()
+            self._refill()
+
+    def _refill(self) -> None:
+        """The outbox has drained: page in the next chunk of any replay in progress."""
+        try:
+            self.session.refill()
+        except StompProtocolError as error:
+            self.fail(error)
 
     async def _guard(self) -> None:
         with trio.move_on_at(self._connect_deadline):

@@ -3,6 +3,13 @@
 It never awaits, so a connection's reader can never be blocked by application work
 (pings and closes are always answered). The connection layer (`connection.py`) owns
 the I/O and turns the `StompProtocolError`s raised here into `ERROR` + close.
+
+Replays (`since-offset`) are paged (PROTOCOL.md §11): a subscription that has history
+to catch up on is a `_Replay` cursor, not yet in the broker. The connection's writer calls
+`refill()` each time it has sent what was pending; the oldest cursor then pushes its next
+committed messages, a bounded chunk. A cursor that reaches the topic's high-water mark joins
+the broker in the same synchronous step, and live fan-out happens synchronously when a commit
+is marked, so between replay and live there is no gap and no duplicate.
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from chat.errors import HttpRefusal, InvalidDestination, MalformedFrame, PolicyViolation
+from chat.history import HistoryGap
 from chat.server.broker import (
     SERVER_HEADERS,
     Broker,
@@ -30,6 +39,10 @@ from chat.wsframes import data_frame
 SERVER_NAME = "chat/0.1"
 SUPPORTED_VERSIONS = ("1.2", "1.1", "1.0")  # best first
 TOKEN_DESTINATION = "/session/token"  # in-band renewal (PROTOCOL.md §7)
+# One refill of a replay: big enough to amortize a send_all, small next to a default outbox.
+REPLAY_CHUNK_BYTES = 256 * 1024
+# A refill tops the outbox up to at most this fraction of its limit: live traffic keeps room.
+REPLAY_OUTBOX_SHARE = 4
 _session_ids = itertools.count(1)
 
 
@@ -43,6 +56,31 @@ class Unsupported(PolicyViolation):
 
 class AuthorizationLost(PolicyViolation):
     """The connection's token expired, was revoked, or a renewal was refused (PROTOCOL.md §7)."""
+
+
+class ReplayFellBehind(PolicyViolation):
+    """Retention dropped messages a replay had not sent yet: the client must resume again."""
+
+
+class SessionOutbox(Outbox, Protocol):
+    """The connection's outbox as the session sees it: replays are paged by its fill level."""
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
+
+
+@dataclass(slots=True)
+class _Replay:
+    """A subscription still catching up on history; it joins the broker at the high-water mark."""
+
+    destination: str
+    epoch: str
+    after: int  # the last offset pushed (or where the replay starts)
+    pattern: tuple[str, ...]
+    subscription: Subscription
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +123,7 @@ class StompSession:
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: SessionOutbox,
         broker: Broker,
         claims: Claims,
         limits: SessionLimits,
@@ -104,6 +142,7 @@ class StompSession:
         self._is_revoked = is_revoked
         self._clock = clock
         self._subscriptions: dict[str, tuple[tuple[str, ...], Subscription]] = {}
+        self._replays: dict[str, _Replay] = {}  # by subscription id, oldest first
         self._receipt_floor = (
             0  # receipts leave in order: none before an earlier one's data is durable
         )
@@ -147,10 +186,55 @@ class StompSession:
         self.outbox.push(data_frame(encode(frame)))
 
     def close(self) -> None:
-        """Drop every subscription; the connection is going away."""
+        """Drop every subscription and replay; the connection is going away."""
+        self._replays.clear()
         for pattern, subscription in self._subscriptions.values():
             self._broker.unsubscribe(pattern, subscription)
         self._subscriptions.clear()
+
+    def refill(self) -> None:
+        """Page replays into the outbox, oldest first, up to the budget; the writer calls it.
+
+        Raises ReplayFellBehind when retention dropped messages a replay has not sent yet.
+        """
+        if not self._replays:  # the common case, once per send_all: keep it cheap
+            return
+        budget = max(1, min(REPLAY_CHUNK_BYTES, self.outbox.limit // REPLAY_OUTBOX_SHARE))
+        room = budget - self.outbox.pending
+        while room > 0 and self._replays:
+            room -= self._pump(next(iter(self._replays.values())), room)
+
+    def _pump(self, replay: _Replay, room: int) -> int:
+        """Push `replay`'s next messages, about `room` bytes; go live at the high-water mark."""
+        try:
+            messages = self._broker.history.read(
+                replay.destination, replay.after, replay.epoch, self._now_ms()
+            )
+        except HistoryGap as gap:
+            raise ReplayFellBehind(
+                "replay fell behind retention",
+                f"messages of {replay.destination} after offset {replay.after} are no longer"
+                " retained; subscribe again with since-offset to resume",
+            ) from gap
+        pushed = 0
+        sub_id = replay.subscription.id
+        for stored in messages:
+            data = message_frame(sub_id, message_tail(stored))
+            self.outbox.push(data)
+            replay.after = stored.offset
+            pushed += len(data)
+            if pushed >= room:
+                return pushed
+        self._go_live(replay)
+        return pushed
+
+    def _go_live(self, replay: _Replay) -> None:
+        # Synchronous with the read that reached the high-water mark: no gap, no duplicate.
+        del self._replays[replay.subscription.id]
+        self._broker.subscribe(replay.pattern, replay.subscription)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
     def check_authorization(self) -> None:
         """Raise AuthorizationLost once the token has expired or been revoked."""
@@ -215,6 +299,18 @@ class StompSession:
     def _subscribe(self, frame: Frame) -> Acted:
         destination = frame.require("destination")
         sub_id = frame.require("id")
+        self._check_new_subscription(frame, sub_id)
+        pattern = parse_destination(destination, wildcards=True)
+        exact = ANY not in pattern and ONE not in pattern
+        since = _since_offset(frame, destination, exact)
+        subscription = Subscription(self.outbox, sub_id)
+        self._subscriptions[sub_id] = (pattern, subscription)
+        if not exact:
+            self._broker.subscribe(pattern, subscription)
+            return ACTED
+        return self._subscribe_exact(frame, destination, pattern, subscription, since)
+
+    def _check_new_subscription(self, frame: Frame, sub_id: str) -> None:
         if sub_id in self._subscriptions:
             raise PolicyViolation("duplicate subscription id", f"id '{sub_id}' is already in use")
         if len(self._subscriptions) >= self._limits.max_subscriptions:
@@ -225,47 +321,48 @@ class StompSession:
         ack = frame.get("ack", "auto")
         if ack != "auto":
             raise Unsupported("unsupported ack mode", f"only ack:auto is supported, not {ack}")
-        pattern = parse_destination(destination, wildcards=True)
-        # Replay and going live happen in one step with no await between: no gap, no duplicate.
-        receipt_headers = self._replay(frame, destination, pattern, sub_id)
-        if ANY not in pattern and ONE not in pattern:
-            # where this subscription starts, so a client in a quiet room can resume later
-            epoch, offset = self._broker.history.position(destination)
-            receipt_headers += (("epoch", epoch), ("offset", str(offset)))
-        subscription = Subscription(self.outbox, sub_id)
-        self._subscriptions[sub_id] = (pattern, subscription)
-        self._broker.subscribe(pattern, subscription)
-        return Acted(receipt_headers)
 
-    def _replay(
-        self, frame: Frame, destination: str, pattern: tuple[str, ...], sub_id: str
-    ) -> tuple[tuple[str, str], ...]:
-        """PROTOCOL.md §8: deliver retained messages after `since-offset`, say if all were there."""
-        since = frame.get("since-offset")
+    def _subscribe_exact(
+        self,
+        frame: Frame,
+        destination: str,
+        pattern: tuple[str, ...],
+        subscription: Subscription,
+        since: int | None,
+    ) -> Acted:
+        """Start at the high-water mark, or replay first (PROTOCOL.md §8 since-offset).
+
+        The RECEIPT says where the subscription starts, so a client in a quiet room can resume
+        later.
+        """
+        position = self._broker.history.position(destination)
+        after, headers = self._replay_start(frame, destination, since, position.offset)
+        if after < position.offset:
+            replay = _Replay(destination, position.epoch, after, pattern, subscription)
+            self._replays[subscription.id] = replay
+            self.refill()
+        else:
+            self._broker.subscribe(pattern, subscription)
+        headers += (("epoch", position.epoch), ("offset", str(position.offset)))
+        return Acted(headers)
+
+    def _replay_start(
+        self, frame: Frame, destination: str, since: int | None, offset: int
+    ) -> tuple[int, tuple[tuple[str, str], ...]]:
+        """The offset a replay starts after (`offset`: none), and a resume's `recovered`."""
         if since is None:
-            return ()
-        if ANY in pattern or ONE in pattern:
-            raise InvalidDestination(
-                "since-offset needs an exact topic",
-                f"cannot resume the wildcard subscription {destination}",
-            )
-        if not since.isdigit():
-            raise MalformedFrame(
-                "invalid since-offset", f"since-offset must be 0 or more: {since!r}"
-            )
-        replay = self._broker.history.replay(
-            destination, int(since), frame.get("epoch"), int(self._clock() * 1000)
-        )
-        for stored in replay.messages:
-            self.outbox.push(message_frame(sub_id, message_tail(stored)))
-        return (("recovered", "true" if replay.recovered else "false"),)
+            return offset, ()
+        history = self._broker.history
+        resume = history.resume(destination, since, frame.get("epoch"), self._now_ms())
+        return resume.after, (("recovered", "true" if resume.recovered else "false"),)
 
     def _unsubscribe(self, frame: Frame) -> Acted:
         sub_id = frame.require("id")
         entry = self._subscriptions.pop(sub_id, None)
         if entry is None:
             raise PolicyViolation("unknown subscription", f"no subscription with id '{sub_id}'")
-        self._broker.unsubscribe(*entry)
+        if self._replays.pop(sub_id, None) is None:  # mid-replay it is not in the broker yet
+            self._broker.unsubscribe(*entry)
         return ACTED
 
     def _disconnect(self, frame: Frame) -> Acted:
@@ -276,6 +373,21 @@ class StompSession:
 
     def _transaction(self, frame: Frame) -> Acted:
         raise Unsupported(f"{frame.command} not supported", "transactions are not supported")
+
+
+def _since_offset(frame: Frame, destination: str, exact: bool) -> int | None:
+    """PROTOCOL.md §8: where a resuming subscriber left off, if it says."""
+    since = frame.get("since-offset")
+    if since is None:
+        return None
+    if not exact:
+        raise InvalidDestination(
+            "since-offset needs an exact topic",
+            f"cannot resume the wildcard subscription {destination}",
+        )
+    if not since.isdigit():
+        raise MalformedFrame("invalid since-offset", f"since-offset must be 0 or more: {since!r}")
+    return int(since)
 
 
 def _negotiate_version(accept_version: str | None) -> str:
