@@ -15,7 +15,7 @@ append carries a store-wide `seq`; the server sends a SEND's RECEIPT only once
 message row is keyed by (destination, offset); pruning is by offset range (count) and by a
 timestamp index (age), so it costs little per batch.
 
-Replays are read in pages: `resume()` says where a subscriber's replay starts,
+Replays are read in pages: `resume()` or `tail()` say where a subscriber's replay starts,
 and `read()` returns the committed messages after the offset it has reached so far, or
 raises `HistoryGap` when retention dropped some it has not been sent yet.
 
@@ -363,6 +363,11 @@ class History:
         if since > last:  # the client is ahead of this history: it cannot be ours
             return Resume(last, False)
         return Resume(max(since, first - 1), first <= since + 1)
+
+    def tail(self, destination: str, count: int, now_ms: int) -> int:
+        """Where a replay of the last `count` committed messages starts (PROTOCOL.md §11)."""
+        first, last = self._window(self._topic(destination), now_ms)
+        return max(last - count, first - 1)
 
     def read(self, destination: str, after: int, epoch: str, now_ms: int) -> Iterator[Stored]:
         """The committed messages after offset `after` of `epoch`, oldest first.

@@ -236,6 +236,26 @@ def test_read_of_another_epoch_is_a_gap() -> None:
         history.read(A, 0, "0123456789ab", NOW)
 
 
+@pytest.mark.parametrize(
+    ("count", "after"), [(0, 5), (2, 3), (5, 0), (9, 0)], ids=["none", "some", "all", "more"]
+)
+def test_tail_starts_a_replay_of_the_last_count(count: int, after: int) -> None:
+    history = History.memory()
+    _publish(history, A, 5)
+    assert history.tail(A, count, NOW) == after
+
+
+def test_tail_sees_only_what_is_retained_and_committed(db_path: Path) -> None:
+    history = History.open_sqlite(db_path, Retention(max_count=4))
+    _publish(history, A, 6)
+    _commit_all(history)
+    _publish(history, A, 1)  # offset 7, not committed; retained now 4..7
+    assert history.tail(A, 10, NOW) == 3
+    assert history.tail(A, 2, NOW) == 4
+    assert history.tail(B, 3, NOW) == 0  # a topic with no message
+    history.close()
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     ops=st.lists(st.tuples(st.sampled_from([A, B]), st.integers(0, 3_000)), max_size=40),

@@ -279,12 +279,25 @@ async def test_receipted_messages_survive_sigkill(tmp_path) -> None:
     assert [f.get("offset") for f in replayed] == [str(n) for n in range(1, 51)]
 
 
-@pytest.mark.parametrize("bad", ["-1", "x", "1.5"])
-async def test_invalid_since_offset(server, pki: TestPki, bad: str) -> None:
+@pytest.mark.parametrize("header", ["since-offset", "last"])
+@pytest.mark.parametrize(
+    "bad",
+    ["-1", "x", "1.5", "", " 1", "+1", "\u00b2", "\u0663", "1" * 19, "9" * 5000],
+    ids=["negative", "word", "decimal", "empty", "space", "plus", "superscript", "arabic-indic",
+         "19-digits", "5000-digits"],
+)
+async def test_invalid_replay_count(server, pki: TestPki, header: str, bad: str) -> None:
     async with stomp_peer(server, pki, "alice") as alice:
-        await alice.send("SUBSCRIBE", {"destination": "/topic/a", "id": "s", "since-offset": bad})
-        frame = await alice.receive()
-    assert (frame.command, frame.get("message")) == ("ERROR", "invalid since-offset")
+        await alice.send("SUBSCRIBE", {"destination": "/topic/a", "id": "s", header: bad})
+        await closed_with(alice, f"invalid {header}", 1002)
+
+
+async def test_longest_replay_count_is_accepted(server, pki: TestPki) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        receipt = await subscribe(alice, "/topic/a", last="9" * 18)
+        ahead = await subscribe(alice, "/topic/a", "t", **{"since-offset": "9" * 18})
+    assert (receipt.command, receipt.get("offset")) == ("RECEIPT", "0")
+    assert (ahead.command, ahead.get("recovered")) == ("RECEIPT", "false")
 
 
 # ---------------------------------------------------------------- paged replay (PROTOCOL.md §11)
@@ -341,13 +354,16 @@ def offsets(frames: list[Frame]) -> list[int]:
     return [int(f.get("offset")) for f in frames if f.command == "MESSAGE"]
 
 
-async def test_replay_larger_than_the_outbound_buffer_completes(start_server, pki) -> None:
+@pytest.mark.parametrize("asked", [{"since-offset": "0"}, {"last": "1000"}], ids=["resume", "last"])
+async def test_replay_larger_than_the_outbound_buffer_completes(
+    start_server, pki: TestPki, asked: dict[str, str]
+) -> None:
     server = await start_server(**SMALL_BUFFER)
     bodies = backlog_bodies()
     assert sum(map(len, bodies)) > 4 * server.config.outbound_buffer_bytes
     async with stomp_peer(server, pki, "alice") as alice, stomp_peer(server, pki, "bob") as bob:
         await publish_pipelined(alice, "/topic/big", bodies)
-        headers = {"destination": "/topic/big", "id": "s", "receipt": "r", "since-offset": "0"}
+        headers = {"destination": "/topic/big", "id": "s", "receipt": "r", **asked}
         await bob.send("SUBSCRIBE", headers)
         replayed, receipt = await replay_and_receipt(bob, BACKLOG)
         await publish(alice, "/topic/big", [b"live"])
@@ -423,3 +439,55 @@ async def test_replay_that_falls_behind_retention_ends_with_an_error(start_serve
         kept, receipt = await replay_and_receipt(alice, BACKLOG)
     assert receipt.get("recovered") == "false"
     assert offsets(kept) == list(range(11, BACKLOG + 11))
+
+
+# ---------------------------------------------------------------- last:N (PROTOCOL.md §11)
+
+
+async def test_last_delivers_the_latest_retained_then_live(server, pki: TestPki) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        await publish(alice, "/topic/l", [b"m1", b"m2", b"m3", b"m4", b"m5"])
+        await alice.send("SUBSCRIBE", {"destination": "/topic/l", "id": "3", "last": "3"})
+        await alice.send(
+            "SUBSCRIBE", {"destination": "/topic/l", "id": "9", "last": "9", "receipt": "r"}
+        )
+        replayed = []
+        while (receipt := await alice.receive()).command == "MESSAGE":
+            replayed.append(receipt)
+        none = await subscribe(alice, "/topic/l", "0", last="0")
+        live = await publish(alice, "/topic/l", [b"m6"])
+    assert [(f.get("subscription"), f.body) for f in replayed] == [
+        ("3", b"m3"), ("3", b"m4"), ("3", b"m5"),
+        ("9", b"m1"), ("9", b"m2"), ("9", b"m3"), ("9", b"m4"), ("9", b"m5"),
+    ]
+    for got in (receipt, none):
+        assert (got.command, got.get("offset"), got.get("recovered")) == ("RECEIPT", "5", None)
+        assert got.get("epoch") == replayed[0].get("epoch")
+    assert sorted((f.get("subscription"), f.get("offset")) for f in live) == [
+        ("0", "6"), ("3", "6"), ("9", "6")
+    ]
+
+
+async def test_last_on_a_quiet_topic_goes_live_at_once(server, pki: TestPki) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        receipt = await subscribe(alice, "/topic/never", last="5")
+        live = await publish(alice, "/topic/never", [b"first"])
+    assert (receipt.command, receipt.get("offset")) == ("RECEIPT", "0")
+    assert [(f.body, f.get("offset")) for f in live] == [(b"first", "1")]
+
+
+@pytest.mark.parametrize(
+    ("destination", "headers", "message", "code"),
+    [
+        ("/topic/a.*", {"last": "3"}, "last needs an exact topic", 1008),
+        ("/topic/#", {"last": "0"}, "last needs an exact topic", 1008),
+        ("/topic/a", {"last": "3", "since-offset": "0"}, "since-offset and last together", 1002),
+    ],
+    ids=["wildcard", "hash", "both"],
+)
+async def test_last_refused(
+    server, pki: TestPki, destination: str, headers: dict[str, str], message: str, code: int
+) -> None:
+    async with stomp_peer(server, pki, "alice") as alice:
+        await alice.send("SUBSCRIBE", {"destination": destination, "id": "s", **headers})
+        await closed_with(alice, message, code)

@@ -4,7 +4,7 @@ It never awaits, so a connection's reader can never be blocked by application wo
 (pings and closes are always answered). The connection layer (`connection.py`) owns
 the I/O and turns the `StompProtocolError`s raised here into `ERROR` + close.
 
-Replays (`since-offset`) are paged (PROTOCOL.md §11): a subscription that has history
+Replays (`since-offset`, `last`) are paged (PROTOCOL.md §11): a subscription that has history
 to catch up on is a `_Replay` cursor, not yet in the broker. The connection's writer calls
 `refill()` each time it has sent what was pending; the oldest cursor then pushes its next
 committed messages, a bounded chunk. A cursor that reaches the topic's high-water mark joins
@@ -43,6 +43,11 @@ TOKEN_DESTINATION = "/session/token"  # in-band renewal (PROTOCOL.md §7)
 REPLAY_CHUNK_BYTES = 256 * 1024
 # A refill tops the outbox up to at most this fraction of its limit: live traffic keeps room.
 REPLAY_OUTBOX_SHARE = 4
+# `since-offset` and `last` take plain ASCII digits, at most this many (any offset < 2**63);
+# Python's int() refuses very long digit strings with a ValueError.
+MAX_COUNT_DIGITS = 18
+QUOTED_VALUE_CHARS = 40  # an ERROR quotes at most this much of a bad header value
+HISTORY_HEADERS = ("since-offset", "last")  # SUBSCRIBE headers asking for a replay (§8, §11)
 _session_ids = itertools.count(1)
 
 
@@ -302,13 +307,13 @@ class StompSession:
         self._check_new_subscription(frame, sub_id)
         pattern = parse_destination(destination, wildcards=True)
         exact = ANY not in pattern and ONE not in pattern
-        since = _since_offset(frame, destination, exact)
+        asked = _history_request(frame, destination, exact)
         subscription = Subscription(self.outbox, sub_id)
         self._subscriptions[sub_id] = (pattern, subscription)
         if not exact:
             self._broker.subscribe(pattern, subscription)
             return ACTED
-        return self._subscribe_exact(frame, destination, pattern, subscription, since)
+        return self._subscribe_exact(frame, destination, pattern, subscription, asked)
 
     def _check_new_subscription(self, frame: Frame, sub_id: str) -> None:
         if sub_id in self._subscriptions:
@@ -328,15 +333,15 @@ class StompSession:
         destination: str,
         pattern: tuple[str, ...],
         subscription: Subscription,
-        since: int | None,
+        asked: tuple[str, int] | None,
     ) -> Acted:
-        """Start at the high-water mark, or replay first (PROTOCOL.md §8 since-offset).
+        """Start at the high-water mark, or replay first (PROTOCOL.md §8 since-offset, §11 last).
 
         The RECEIPT says where the subscription starts, so a client in a quiet room can resume
         later.
         """
         position = self._broker.history.position(destination)
-        after, headers = self._replay_start(frame, destination, since, position.offset)
+        after, headers = self._replay_start(frame, destination, asked, position.offset)
         if after < position.offset:
             replay = _Replay(destination, position.epoch, after, pattern, subscription)
             self._replays[subscription.id] = replay
@@ -347,13 +352,16 @@ class StompSession:
         return Acted(headers)
 
     def _replay_start(
-        self, frame: Frame, destination: str, since: int | None, offset: int
+        self, frame: Frame, destination: str, asked: tuple[str, int] | None, offset: int
     ) -> tuple[int, tuple[tuple[str, str], ...]]:
         """The offset a replay starts after (`offset`: none), and a resume's `recovered`."""
-        if since is None:
+        if asked is None:
             return offset, ()
+        name, count = asked
         history = self._broker.history
-        resume = history.resume(destination, since, frame.get("epoch"), self._now_ms())
+        if name == "last":
+            return history.tail(destination, count, self._now_ms()), ()
+        resume = history.resume(destination, count, frame.get("epoch"), self._now_ms())
         return resume.after, (("recovered", "true" if resume.recovered else "false"),)
 
     def _unsubscribe(self, frame: Frame) -> Acted:
@@ -375,19 +383,35 @@ class StompSession:
         raise Unsupported(f"{frame.command} not supported", "transactions are not supported")
 
 
-def _since_offset(frame: Frame, destination: str, exact: bool) -> int | None:
-    """PROTOCOL.md §8: where a resuming subscriber left off, if it says."""
-    since = frame.get("since-offset")
-    if since is None:
+def _history_request(frame: Frame, destination: str, exact: bool) -> tuple[str, int] | None:
+    """The SUBSCRIBE's replay request, ("since-offset" or "last", N), validated; or None."""
+    asked = [(name, value) for name in HISTORY_HEADERS if (value := frame.get(name)) is not None]
+    if not asked:
         return None
+    if len(asked) > 1:
+        raise MalformedFrame(
+            "since-offset and last together",
+            "use since-offset (with epoch) to resume after an offset you saw, or last to get"
+            " the latest messages; not both",
+        )
+    name, value = asked[0]
     if not exact:
         raise InvalidDestination(
-            "since-offset needs an exact topic",
-            f"cannot resume the wildcard subscription {destination}",
+            f"{name} needs an exact topic",
+            f"cannot replay history into the wildcard subscription {destination}",
         )
-    if not since.isdigit():
-        raise MalformedFrame("invalid since-offset", f"since-offset must be 0 or more: {since!r}")
-    return int(since)
+    return name, _count(name, value)
+
+
+def _count(name: str, value: str) -> int:
+    """0 or more in plain ASCII digits ("²".isdigit() is True), few enough for int()."""
+    if value.isascii() and value.isdigit() and len(value) <= MAX_COUNT_DIGITS:
+        return int(value)
+    quoted = value[:QUOTED_VALUE_CHARS] + ("..." if len(value) > QUOTED_VALUE_CHARS else "")
+    raise MalformedFrame(
+        f"invalid {name}",
+        f"{name} must be 0 or more, in at most {MAX_COUNT_DIGITS} ASCII digits: {quoted!r}",
+    )
 
 
 def _negotiate_version(accept_version: str | None) -> str:
