@@ -13,7 +13,9 @@ committed message survives a crash of the server) and then calls `mark_committed
 append carries a store-wide `seq`; the server sends a SEND's RECEIPT only once
 `committed_seq >= seq`. On disk, each topic row holds its epoch and last committed offset; each
 message row is keyed by (destination, offset); pruning is by offset range (count) and by a
-timestamp index (age), so it costs little per batch.
+timestamp index (age), so it costs little per batch. A topic minted by `position()` (a
+SUBSCRIBE to a room with no message yet) is queued too, as a row with last offset 0, so the
+epoch that SUBSCRIBE's RECEIPT names survives a restart.
 
 Replays are read in pages: `resume()` or `tail()` say where a subscriber's replay starts,
 and `read()` returns the committed messages after the offset it has reached so far, or
@@ -71,6 +73,11 @@ _UPSERT_TOPIC = (
     " ON CONFLICT (destination) DO UPDATE SET epoch = excluded.epoch,"
     " last_offset = excluded.last_offset"
 )
+# A topic that has no message yet keeps its epoch; a real row (with messages) is never touched.
+_INSERT_QUIET_TOPIC = (
+    "INSERT INTO topics (destination, epoch, last_offset) VALUES (?, ?, 0)"
+    " ON CONFLICT (destination) DO NOTHING"
+)
 _PRUNE_COUNT = "DELETE FROM messages WHERE destination = ? AND offset <= ?"
 _PRUNE_AGE = "DELETE FROM messages WHERE timestamp_ms < ?"
 _LOAD = (
@@ -113,6 +120,7 @@ class Position:
 
     epoch: str
     offset: int  # the topic's last committed offset
+    durable_seq: int  # the epoch survives a crash once every append up to this seq is committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +133,18 @@ class Resume:
 
 class HistoryGap(LookupError):
     """Messages a replay has not sent yet are no longer retained (or the epoch changed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one group commit writes: appended messages and topics minted with no message yet."""
+
+    messages: list[Stored]
+    topics: list[tuple[str, str]]  # (destination, epoch) minted by `position()`
+    seq: int  # every append and mint with a seq up to this one is in this batch or an earlier one
+
+    def __bool__(self) -> bool:
+        return bool(self.messages or self.topics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,19 +243,25 @@ class SqliteBackend:
             for d, (epoch, last) in topics.items()
         ]
 
-    def write(self, batch: list[Stored], retention: Retention) -> None:
+    def write(self, batch: Batch, retention: Retention) -> None:
         """Write one batch, its topics' epochs and last offsets, and prune: one transaction."""
-        last: dict[str, Stored] = {message.destination: message for message in batch}
         with self._transaction() as db:
-            db.executemany(_INSERT, map(_row, batch))
-            db.executemany(_UPSERT_TOPIC, ((d, m.epoch, m.offset) for d, m in last.items()))
-            db.executemany(
-                _PRUNE_COUNT,
-                ((d, m.offset - retention.max_count) for d, m in last.items()
-                 if m.offset > retention.max_count),
-            )
-            newest = max(message.timestamp_ms for message in batch)
-            db.execute(_PRUNE_AGE, (newest - retention.max_age * 1000.0,))
+            db.executemany(_INSERT_QUIET_TOPIC, batch.topics)  # first: messages then update it
+            if batch.messages:
+                self._write_messages(db, batch.messages, retention)
+
+    @staticmethod
+    def _write_messages(db: sqlite3.Connection, batch: list[Stored], retention: Retention) -> None:
+        last: dict[str, Stored] = {message.destination: message for message in batch}
+        db.executemany(_INSERT, map(_row, batch))
+        db.executemany(_UPSERT_TOPIC, ((d, m.epoch, m.offset) for d, m in last.items()))
+        db.executemany(
+            _PRUNE_COUNT,
+            ((d, m.offset - retention.max_count) for d, m in last.items()
+             if m.offset > retention.max_count),
+        )
+        newest = max(message.timestamp_ms for message in batch)
+        db.execute(_PRUNE_AGE, (newest - retention.max_age * 1000.0,))
 
     def close(self) -> None:
         """Close; call only once every append was written."""
@@ -255,12 +281,15 @@ def _contiguous_tail(tail: list[Stored], last_offset: int) -> tuple[Stored, ...]
 class _Topic:
     """One topic's live state; touched only by the event loop."""
 
-    __slots__ = ("epoch", "last", "retained")
+    __slots__ = ("durable_seq", "epoch", "last", "retained")
 
-    def __init__(self, epoch: str, last: int, retained: Iterable[Stored], max_count: int) -> None:
+    def __init__(
+        self, epoch: str, last: int, retained: Iterable[Stored], max_count: int, durable_seq: int
+    ) -> None:
         self.epoch = epoch
         self.last = last
         self.retained: deque[Stored] = deque(retained, maxlen=max_count)
+        self.durable_seq = durable_seq  # the append (or mint) whose commit makes the epoch durable
 
 
 class History:
@@ -277,12 +306,13 @@ class History:
         self._backend = backend
         self._topics: dict[str, _Topic] = {}
         self._pending: list[Stored] = []
+        self._pending_topics: list[tuple[str, str]] = []
         self._seq = 0
         self._committed = 0
         if backend is not None:
             for state in backend.load(retention, _now_ms()):
                 self._topics[state.destination] = _Topic(
-                    state.epoch, state.last_offset, state.messages, retention.max_count
+                    state.epoch, state.last_offset, state.messages, retention.max_count, 0
                 )
 
     @classmethod
@@ -313,16 +343,30 @@ class History:
         return self._topic(destination).epoch
 
     def position(self, destination: str) -> Position:
-        """Where a subscription made now starts."""
+        """Where a subscription made now starts.
+
+        A topic minted here, with no message yet, has its epoch queued for the committer: a
+        client told this epoch resumes with `recovered:true` after a restart (a memory store
+        has no disk, so it mints a new epoch per process, truly having lost history).
+        """
         topic = self._topic(destination)
-        return Position(topic.epoch, self._high_water(topic))
+        return Position(topic.epoch, self._high_water(topic), topic.durable_seq)
 
     def _topic(self, destination: str) -> _Topic:
-        """The topic, minted when seen for the first time."""
-        return self._topics.get(destination) or self._new_topic(destination)
+        """The topic, minted (and its epoch queued for disk) when seen for the first time."""
+        topic = self._topics.get(destination)
+        if topic is not None:
+            return topic
+        topic = self._new_topic(destination, 0)
+        if self._backend is not None:
+            self._seq = topic.durable_seq = self._seq + 1
+            self._pending_topics.append((destination, topic.epoch))
+        return topic
 
-    def _new_topic(self, destination: str) -> _Topic:
-        topic = self._topics[destination] = _Topic(new_epoch(), 0, (), self._retention.max_count)
+    def _new_topic(self, destination: str, durable_seq: int) -> _Topic:
+        topic = self._topics[destination] = _Topic(
+            new_epoch(), 0, (), self._retention.max_count, durable_seq
+        )
         return topic
 
     def append(
@@ -335,9 +379,9 @@ class History:
         timestamp_ms: int,
     ) -> Stored:
         """Give a published message its offset, retain it and queue it for the committer."""
-        topic = self._topics.get(destination) or self._new_topic(destination)
-        topic.last = offset = topic.last + 1
         self._seq = seq = self._seq + 1
+        topic = self._topics.get(destination) or self._new_topic(destination, seq)
+        topic.last = offset = topic.last + 1
         stored = Stored(
             destination, offset, topic.epoch, timestamp_ms, sender, content_type, body, headers, seq
         )
@@ -398,12 +442,13 @@ class History:
             last = stored.offset - 1
         return last
 
-    def take_pending(self) -> list[Stored]:
-        """The appends not yet handed to the committer, oldest first (may be empty)."""
-        batch, self._pending = self._pending, []
+    def take_pending(self) -> Batch:
+        """The appends and mints not yet handed to the committer, oldest first (may be empty)."""
+        batch = Batch(self._pending, self._pending_topics, self._seq)
+        self._pending, self._pending_topics = [], []
         return batch
 
-    def commit(self, batch: list[Stored]) -> None:
+    def commit(self, batch: Batch) -> None:
         """BLOCKING: write `batch` in one transaction; run it in a worker thread.
 
         On failure nothing of the batch is written; committing the same batch again is safe.
@@ -411,10 +456,10 @@ class History:
         if batch and self._backend is not None:
             self._backend.write(batch, self._retention)
 
-    def mark_committed(self, batch: list[Stored]) -> None:
+    def mark_committed(self, batch: Batch) -> None:
         """Record that `batch` (taken in order by `take_pending`) is on disk."""
         if batch:
-            self._committed = max(self._committed, batch[-1].seq)
+            self._committed = max(self._committed, batch.seq)
 
     def close(self) -> None:
         """Write whatever is still pending, then close the file.

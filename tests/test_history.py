@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chat.history import History, HistoryGap, Position, Retention, Stored
+from chat.history import Batch, History, HistoryGap, Position, Retention, Stored
 
 NOW = time.time_ns() // 1_000_000  # ms; loading from disk prunes by the real clock
 A = "/topic/a"
@@ -47,7 +47,7 @@ def _offsets(replay: Replay) -> list[int]:
     return [m.offset for m in replay.messages]
 
 
-def _commit_all(history: History) -> list[Stored]:
+def _commit_all(history: History) -> Batch:
     batch = history.take_pending()
     history.commit(batch)
     history.mark_committed(batch)
@@ -107,8 +107,8 @@ def test_memory_store_is_always_committed() -> None:
     _publish(history, A, 3)
     assert history.durable is False
     assert history.committed_seq == history.last_seq == 3
-    assert history.take_pending() == []
-    history.commit([])
+    assert not history.take_pending()
+    history.commit(history.take_pending())
     history.close()
 
 
@@ -256,6 +256,55 @@ def test_tail_sees_only_what_is_retained_and_committed(db_path: Path) -> None:
     history.close()
 
 
+# ---------------------------------------------------------------- a quiet room's epoch
+
+
+def test_position_of_a_new_topic_makes_its_epoch_durable(db_path: Path) -> None:
+    history = History.open_sqlite(db_path)
+    position = history.position(A)
+    assert (position.offset, position.durable_seq, history.committed_seq) == (0, 1, 0)
+    assert history.position(A) == position  # minted once
+    batch = _commit_all(history)
+    assert (batch.messages, batch.topics, batch.seq) == ([], [(A, position.epoch)], 1)
+    assert history.committed_seq == 1
+    history.close()
+    reopened = History.open_sqlite(db_path)
+    assert reopened.position(A) == Position(position.epoch, 0, 0)
+    assert _resume(reopened, A, 0, position.epoch, NOW) == Replay((), True)
+    assert reopened.append(A, "alice", "t", b"", (), NOW).offset == 1
+    assert not reopened.take_pending().topics  # loaded, not minted
+    reopened.close()
+
+
+def test_a_quiet_topic_row_never_overwrites_a_real_one(db_path: Path) -> None:
+    history = History.open_sqlite(db_path)
+    epoch = history.position(A).epoch
+    _publish(history, A, 2)  # the mint and the messages land in one batch
+    _commit_all(history)
+    history.close()
+    reopened = History.open_sqlite(db_path)
+    assert reopened.position(A) == Position(epoch, 2, 0)
+    reopened.commit(Batch([], [(A, "0123456789ab")], 0))  # as if minted again elsewhere
+    reopened.close()
+    again = History.open_sqlite(db_path)
+    assert again.position(A) == Position(epoch, 2, 0)
+    again.close()
+
+
+def test_a_topic_minted_by_a_message_is_durable_with_it(db_path: Path) -> None:
+    history = History.open_sqlite(db_path)
+    (first,) = _publish(history, A, 1)
+    assert history.position(A).durable_seq == first.seq
+    assert history.take_pending().topics == []
+    history.close()
+
+
+def test_memory_store_mints_without_waiting() -> None:
+    history = History.memory()
+    assert history.position(A).durable_seq <= history.committed_seq
+    assert not history.take_pending()
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     ops=st.lists(st.tuples(st.sampled_from([A, B]), st.integers(0, 3_000)), max_size=40),
@@ -295,8 +344,8 @@ def test_sqlite_group_commit(db_path: Path) -> None:
     stored = _publish(history, A, 3) + _publish(history, B, 2)
     assert (history.last_seq, history.committed_seq) == (5, 0)
     batch = history.take_pending()
-    assert batch == stored
-    assert history.take_pending() == []
+    assert (batch.messages, batch.topics, batch.seq) == (stored, [], 5)
+    assert not history.take_pending()
     history.commit(batch)
     assert history.committed_seq == 0  # until the event loop marks it
     history.mark_committed(batch)
@@ -365,7 +414,7 @@ def test_crash_keeps_epochs_and_reuses_only_offsets_nobody_saw(db_path: Path) ->
     _publish(crashed, A, 2)  # appended, never committed, then the process dies
     # the high-water mark: uncommitted messages are invisible to replay and position
     assert _offsets(_resume(crashed, A, 0, None, NOW)) == [1, 2, 3]
-    assert crashed.position(A) == Position(crashed.epoch(A), 3)
+    assert crashed.position(A) == Position(crashed.epoch(A), 3, 1)
     old_a, old_b = crashed.epoch(A), crashed.epoch(B)
 
     restarted = History.open_sqlite(db_path)
@@ -384,7 +433,7 @@ def test_a_lost_batch_is_a_gap_not_wrong_data(db_path: Path) -> None:
     history.commit(history.take_pending())  # a later batch lands; the earlier one never did
     history.close()
     reopened = History.open_sqlite(db_path)
-    assert [m.offset for m in lost] == [1, 2]
+    assert [m.offset for m in lost.messages] == [1, 2]
     replay = _resume(reopened, A, 0, None, NOW)
     assert (_offsets(replay), replay.recovered) == ([3, 4], False)
     replay = _resume(reopened, A, 2, None, NOW)
@@ -440,7 +489,7 @@ def test_commit_from_a_worker_thread_while_appending(db_path: Path) -> None:
         _publish(history, B, 50)  # the event loop keeps going meanwhile
         worker.join()
         history.mark_committed(batch)
-        assert history.committed_seq == batch[-1].seq
+        assert history.committed_seq == batch.seq == batch.messages[-1].seq
     history.close()
     reopened = History.open_sqlite(db_path)
     assert _offsets(_resume(reopened, A, 0, None, NOW)) == list(range(1, 251))

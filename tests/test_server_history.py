@@ -279,6 +279,37 @@ async def test_receipted_messages_survive_sigkill(tmp_path) -> None:
     assert [f.get("offset") for f in replayed] == [str(n) for n in range(1, 51)]
 
 
+async def test_quiet_room_keeps_its_epoch_across_a_crash(tmp_path) -> None:
+    """The SUBSCRIBE RECEIPT waits until a new topic's epoch is on disk: a SIGKILL keeps it."""
+    process, port, _ = await start_subprocess(tmp_path)
+    certs = pki_module.DevPki.at(tmp_path / "certs")
+    pki = TestPki(certs.directory, certs.ca, certs.directory)
+    async with raw_ws(RunningServer(ChatServer.__new__(ChatServer), port), pki, "alice") as ws:
+        alice = StompPeer(ws)
+        await alice.connect()
+        quiet = await subscribe(alice, "/topic/quiet")
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    process, port, _ = await start_subprocess(tmp_path)
+    try:
+        async with raw_ws(RunningServer(ChatServer.__new__(ChatServer), port), pki, "alice") as ws:
+            alice = StompPeer(ws)
+            await alice.connect()
+            resume = {"since-offset": quiet.get("offset"), "epoch": quiet.get("epoch")}
+            resumed = await subscribe(alice, "/topic/quiet", **resume)
+            (after,) = await publish(alice, "/topic/quiet", [b"after"])
+            (marker,) = await publish(alice, "/topic/quiet", [b"marker"])  # nothing in between
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            await process.wait()
+    assert (quiet.get("offset"), resumed.get("recovered")) == ("0", "true")
+    assert resumed.get("epoch") == quiet.get("epoch")
+    assert (after.body, after.get("offset")) == (b"after", "1")
+    assert after.get("epoch") == quiet.get("epoch")
+    assert (marker.body, marker.get("offset")) == (b"marker", "2")
+
+
 @pytest.mark.parametrize("header", ["since-offset", "last"])
 @pytest.mark.parametrize(
     "bad",

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from chat.history import History, Stored
+from chat.history import History, Position, Stored
 from chat.server.durability import Durability
 from chat.stomp import encode_header
 from chat.topics import TopicTrie
@@ -83,6 +83,13 @@ class Broker:
     def __len__(self) -> int:
         return len(self._trie)
 
+    def position(self, destination: str) -> Position:
+        """Where a subscription made now starts; wakes the committer if its epoch is new."""
+        position = self.history.position(destination)
+        if position.durable_seq > self.history.committed_seq:
+            self.durability.appended()
+        return position
+
     def publish(self, message: Published) -> Stored:
         """Give the message its offset, queue it for disk, deliver it once it is there."""
         stored = self.history.append(
@@ -109,6 +116,7 @@ class Broker:
             if frame is None:
                 frame = frames[sub.id] = message_frame(sub.id, tail)
             sub.outbox.push(frame)
+
 
 def message_frame(subscription_id: str, tail: bytes) -> bytes:
     """The WebSocket frame of a MESSAGE for one subscription."""

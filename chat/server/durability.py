@@ -1,6 +1,7 @@
 """Group commit of published messages, and RECEIPTs held until what they cover is on disk.
 
-How this works: `History.append` assigns offsets in memory and queues the record. One
+How this works: `History.append` assigns offsets in memory and queues the record (so does
+`History.position` for the epoch of a topic it mints, so a quiet room's epoch survives). One
 committer task takes everything pending, writes it in a single SQLite transaction on a
 worker thread, and marks it committed; whatever was appended meanwhile forms the next
 batch, so the fsync cost is shared by every message of a batch (PROTOCOL.md §8: a RECEIPT
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 import trio
 
-from chat.history import History, Stored
+from chat.history import Batch, History
 
 log = logging.getLogger("chat.server")
 
@@ -54,7 +55,7 @@ class Durability:
             if batch:
                 await self._commit(batch)
 
-    async def _commit(self, batch: list[Stored]) -> None:
+    async def _commit(self, batch: Batch) -> None:
         while True:
             try:
                 await trio.to_thread.run_sync(self.history.commit, batch)

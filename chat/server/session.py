@@ -338,9 +338,9 @@ class StompSession:
         """Start at the high-water mark, or replay first (PROTOCOL.md §8 since-offset, §11 last).
 
         The RECEIPT says where the subscription starts, so a client in a quiet room can resume
-        later.
+        later; it waits until the topic's epoch is durable.
         """
-        position = self._broker.history.position(destination)
+        position = self._broker.position(destination)
         after, headers = self._replay_start(frame, destination, asked, position.offset)
         if after < position.offset:
             replay = _Replay(destination, position.epoch, after, pattern, subscription)
@@ -349,7 +349,7 @@ class StompSession:
         else:
             self._broker.subscribe(pattern, subscription)
         headers += (("epoch", position.epoch), ("offset", str(position.offset)))
-        return Acted(headers)
+        return Acted(headers, durable_seq=position.durable_seq)
 
     def _replay_start(
         self, frame: Frame, destination: str, asked: tuple[str, int] | None, offset: int
