@@ -1,7 +1,8 @@
 """`chat-client` as users run it: a real subprocess against the in-test server.
 
-Scripted modes through pipes, the interactive UI through a pipe and through a pty
-(where readline is live and incoming lines must not garble the line being typed).
+Scripted modes through pipes, the interactive UI through a pipe and through a pty rendered
+by a terminal emulator (pyte), where the full screen is live and incoming lines must not
+garble the line being typed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import termios
@@ -19,6 +21,7 @@ from contextlib import AbstractAsyncContextManager
 from functools import partial
 from pathlib import Path
 
+import pyte
 import pytest
 import trio
 
@@ -188,21 +191,47 @@ async def test_help_lists_every_option_and_default() -> None:
 
 
 async def test_interactive_through_a_pipe(server: RunningServer, pki: TestPki) -> None:
-    async with bob_chat(server, pki) as bob:
+    """Plain lines, no escape codes; typed text is sent in the background, so its echo is
+    awaited before the commands (whose answers come at once)."""
+    out = bytearray()
+    async with bob_chat(server, pki) as bob, trio.open_nursery() as nursery:
         await bob.subscribe("/topic/lobby")
-        typed = b"hello from a pipe\n/join dev.backend\n/rooms\n/frob\n/leave\n/rooms\n/quit\n"
-        result = await run_cli(cli_args(server, pki, "alice"), stdin=typed)
+        alice = await nursery.start(partial(
+            trio.run_process, cli_args(server, pki, "alice"), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False, cwd=ROOT,
+        ))
+        await alice.stdin.send_all(b"hello from a pipe\n")
         with trio.fail_after(FAST):
             got = await bob.receive()
+        await read_until(alice.stdout, out, "[lobby] alice: hello from a pipe\n")
+        await alice.stdin.send_all(b"/join dev.backend\n/rooms\n/frob\n/leave\n/rooms\n/quit\n")
+        with trio.fail_after(FAST):
+            assert await alice.wait() == 0
+            while chunk := await alice.stdout.receive_some():
+                out += chunk
     assert (got.sender, got.text) == ("alice", "hello from a pipe")
+    assert b"\x1b" not in out
+    lines = out.decode().splitlines()
+    assert "* joined lobby" in lines and "* joined dev.backend" in lines
+    assert "* rooms: lobby, dev.backend (current)" in lines
+    assert any(line.startswith("* unknown command /frob") for line in lines)
+    assert "* left dev.backend; now talking in lobby" in lines
+    assert "* rooms: lobby (current)" in lines
+    assert any(line.endswith("[lobby] alice: hello from a pipe") for line in lines)
+
+
+async def test_end_of_input_waits_for_the_lines_typed_before(
+    server: RunningServer, pki: TestPki
+) -> None:
+    """A script piping lines in and closing its end: every line is sent before leaving."""
+    async with bob_chat(server, pki) as bob:
+        await bob.subscribe("/topic/lobby")
+        typed = b"".join(f"line {i}\n".encode() for i in range(5))
+        result = await run_cli(cli_args(server, pki, "alice"), stdin=typed)
+        with trio.fail_after(FAST):
+            got = [(await bob.receive()).text for _ in range(5)]
     assert result.returncode == 0, result
-    out = result.stdout.decode().splitlines()
-    assert "* joined lobby" in out and "* joined dev.backend" in out
-    assert "* rooms: lobby, dev.backend (current)" in out
-    assert any(line.startswith("* unknown command /frob") for line in out)
-    assert "* left dev.backend; now talking in lobby" in out
-    assert "* rooms: lobby (current)" in out
-    assert any(line.endswith("[lobby] alice: hello from a pipe") for line in out)
+    assert got == [f"line {i}" for i in range(5)]
 
 
 def _own_terminal() -> None:
@@ -211,32 +240,76 @@ def _own_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-@pytest.mark.parametrize("leave", [b"\x15\x04", b"\x03"], ids=["ctrl-d", "ctrl-c"])
-async def test_interactive_on_a_terminal(server: RunningServer, pki: TestPki, leave: bytes) -> None:
-    """Through a pty: readline is live, and an incoming line keeps the user's typing intact."""
+class PtyScreen:
+    """The far side of a pty, rendered by pyte: what the user of a real terminal sees."""
+
+    def __init__(self, master: trio.lowlevel.FdStream, columns: int, rows: int) -> None:
+        self._master = master
+        self.screen = pyte.Screen(columns, rows)
+        self._stream = pyte.ByteStream(self.screen)
+        self.written = bytearray()
+
+    def lines(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    async def until(self, check: Callable[[list[str]], bool]) -> list[str]:
+        with trio.move_on_after(FAST):
+            while not check(self.lines()):
+                chunk = await self._master.receive_some()
+                assert chunk, "the client closed the terminal"
+                self.written += chunk
+                self._stream.feed(chunk)
+            return self.lines()
+        raise AssertionError("the screen never got there:\n" + "\n".join(self.lines()))
+
+    async def has_line(self, text: str) -> list[str]:
+        return await self.until(lambda lines: text in lines)
+
+    async def wait(self, process: trio.Process) -> int:
+        """The process's exit status, reading the screen meanwhile (so it never blocks)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.until, lambda lines: False)
+            with trio.fail_after(FAST):
+                status = await process.wait()
+            nursery.cancel_scope.cancel()
+        return status
+
+
+@pytest.mark.parametrize("leave", [b"\x15\x04", b"\x03", b"\x15/quit\r"],
+                         ids=["ctrl-d", "ctrl-c", "quit"])
+async def test_interactive_on_a_terminal(
+    server: RunningServer, pki: TestPki, tmp_path: Path, leave: bytes
+) -> None:
+    """Through a pty: the full screen is up, an incoming line keeps the user's typing intact,
+    and leaving gives the terminal back as it was."""
     master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 12, 70, 0, 0))
+    before = termios.tcgetattr(slave)
+    args = cli_args(server, pki, "alice", "--token-file", str(tmp_path / "alice.refresh"))
     async with bob_chat(server, pki) as bob, trio.lowlevel.FdStream(master) as terminal:
         await bob.subscribe("/topic/lobby")
         process = await trio.lowlevel.open_process(
-            cli_args(server, pki, "alice"), stdin=slave, stdout=slave, stderr=slave,
-            cwd=ROOT, env={**os.environ, "TERM": "xterm"}, preexec_fn=_own_terminal,
+            args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+            env={**os.environ, "TERM": "xterm"}, preexec_fn=_own_terminal,
         )
-        os.close(slave)
-        screen = bytearray()
-        await read_until(terminal, screen, "[lobby] > ")
+        screen = PtyScreen(terminal, 70, 12)
+        await screen.has_line("[lobby] >")
+        await screen.until(lambda lines: lines[-1] == "connected as alice")
         await terminal.send_all(b"typed on a tty\r")
         with trio.fail_after(FAST):
             got = await bob.receive()
         assert (got.sender, got.text) == ("alice", "typed on a tty")
-        await read_until(terminal, screen, "alice: typed on a tty\r\n[lobby] > ")  # reading again
+        await screen.until(lambda lines: lines[2].endswith("[lobby] alice: typed on a tty"))
         await terminal.send_all(b"half")
-        await read_until(terminal, screen, "[lobby] > half")
+        await screen.has_line("[lobby] > half")
         await bob.send("/topic/lobby", "incoming while typing")
-        text = await read_until(terminal, screen, "incoming while typing\r\n[lobby] > half")
-        assert "\r\x1b[K" in text  # the half-typed line was cleared, then redrawn below
-        await terminal.send_all(leave)  # Ctrl-U (erase the line) + Ctrl-D, or Ctrl-C
-        with trio.fail_after(FAST):
-            assert await process.wait() == 0
+        lines = await screen.until(lambda lines: lines[3].endswith("bob: incoming while typing"))
+        assert lines[-2:] == ["[lobby] > half", "connected as alice"]  # typing intact
+        await terminal.send_all(leave)
+        assert await screen.wait(process) == 0  # (Ctrl-U empties the line first)
+        assert termios.tcgetattr(slave) == before
+    os.close(slave)
+    assert screen.written.rindex(b"\x1b[?1049l") > screen.written.rindex(b"\x1b[?1049h")
 
 
 # ---------------------------------------------------------------- reconnecting

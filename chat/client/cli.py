@@ -24,17 +24,16 @@ import trio
 
 from chat.client.auth import default_token_file, open_chat
 from chat.client.connection import ClientError, Message
-from chat.client.http import TlsFailure, TokenRefused
-from chat.client.resilient import ResilientSession, open_session
-from chat.client.terminal import (
-    ChatSession,
-    Console,
+from chat.client.display import (
     describe,
-    first_of,
+    error_line,
     format_message,
     room_destination,
     room_of,
 )
+from chat.client.http import TlsFailure, TokenRefused
+from chat.client.resilient import ResilientSession, open_session
+from chat.client.terminal import ChatSession, Console, first_of, history_file, open_console
 from chat.errors import InvalidDestination
 from chat.pki import PkiError, rejection_cause
 
@@ -61,9 +60,15 @@ Chat over STOMP 1.2 / WebSocket / mutual TLS. Your certificate is your identity:
 client fetches an access token with it (POST /auth/token), connects, and joins a room.
 
 Interactive (the default): typed lines go to the current room; /join ROOM, /leave [ROOM],
-/rooms, /help, /quit. Incoming messages show time, room and sender; lines starting
-with * are status lines. Ctrl-D or Ctrl-C leave. A lost connection is retried by itself
-("* reconnecting...", "* back online"), and what was missed meanwhile is shown in order.
+/rooms, /help, /quit. Incoming messages show time, room and sender (the date too when not
+from today); lines starting with * are status lines. Joining a room shows its last 20
+messages first, in grey. /quit and Ctrl-D leave once the lines typed are sent; Ctrl-C
+leaves at once. On a terminal the bottom line is the connection's state; a lost connection
+is retried by itself ("reconnecting... attempt 3, next try in 1.2 s") and what was missed
+meanwhile is shown in order. Lines typed while offline show as pending and are sent once
+it is back (or reported not delivered). PageUp/PageDown page through the conversation; the
+arrow keys recall lines typed before, kept beside the refresh token (certs/alice.history,
+mode 0600). NO_COLOR=1 turns colours off. Through pipes, lines are read and written plainly.
 
 The refresh token that saves a new token request on each start is kept beside the
 certificate (certs/alice.refresh, mode 0600) or at --token-file.
@@ -126,9 +131,18 @@ def _explained(exc: Exception) -> str:
     return f"{exc}; {hint}" if hint else str(exc)
 
 
-def _notice(text: str) -> None:
-    """A token warning the user should see: one line on stderr."""
-    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+class _Notices:
+    """Token warnings the user should see: one line on stderr, or on the chat's screen
+    while there is one (a line on stderr would tear through it)."""
+
+    def __init__(self) -> None:
+        self.console: Console | None = None
+
+    def __call__(self, text: str) -> None:
+        if self.console is not None:
+            self.console.show(error_line(text))
+        else:
+            print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
 
 def _status(text: str) -> None:
@@ -317,39 +331,49 @@ async def _run(options: Options) -> int:
 
 async def _connected(options: Options, interrupts: _Interrupts) -> None:
     heartbeat = (options.heartbeat_ms, options.heartbeat_ms)
+    notices = _Notices()
     with interrupts.stoppable():
         if options.send is not None:
-            await _send(options, interrupts, heartbeat, *options.send)
+            await _send(options, interrupts, heartbeat, notices, *options.send)
             return
         async with open_session(
             options.url, options.cert, options.key, options.ca,
-            passphrase=options.passphrase, token_file=options.token_file, on_notice=_notice,
+            passphrase=options.passphrase, token_file=options.token_file, on_notice=notices,
             heartbeat=heartbeat,
         ) as session:
             with interrupts.stoppable():
-                await _mode(options, session)
+                await _mode(options, session, notices)
 
 
 async def _send(
-    options: Options, interrupts: _Interrupts, heartbeat: tuple[int, int], room: str, text: str
+    options: Options,
+    interrupts: _Interrupts,
+    heartbeat: tuple[int, int],
+    notices: _Notices,
+    room: str,
+    text: str,
 ) -> None:
     """One-shot: connect (retrying an unreachable server a few times), send, wait for the
     RECEIPT that says the server stored it."""
     async with open_chat(
         options.url, options.cert, options.key, options.ca,
-        passphrase=options.passphrase, token_file=options.token_file, on_notice=_notice,
+        passphrase=options.passphrase, token_file=options.token_file, on_notice=notices,
         heartbeat=heartbeat, attempts=SEND_ATTEMPTS,
     ) as client:
         with interrupts.stoppable():
             await client.send(room_destination(room, wildcards=False), text)
 
 
-async def _mode(options: Options, session: ResilientSession) -> None:
+async def _mode(options: Options, session: ResilientSession, notices: _Notices) -> None:
     if options.listen is not None:
         await _listen(session, options.listen, options.json, options.count)
-    else:
-        with Console.open() as console:
+        return
+    async with open_console(history_file(options.token_file)) as console:
+        notices.console = console
+        try:
             await ChatSession(session, console).run(options.room)
+        finally:
+            notices.console = None
 
 
 async def _listen(

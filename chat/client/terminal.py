@@ -1,43 +1,54 @@
-"""The interactive chat UI: typed lines go to the current room, `/commands` manage rooms.
+"""The interactive chat: typed lines go to the current room, `/commands` manage rooms.
 
-How the screen stays readable: input() runs in a worker thread (with the stdlib
-`readline` on a terminal) while the trio task prints incoming messages. On a terminal
-each incoming line first clears the line being typed (`\\r` + erase-line), prints the
-message, then redraws the prompt and what the user had typed so far
-(`readline.get_line_buffer()`), so typing is never garbled. When stdin or stdout is not
-a terminal, lines are read and printed plainly.
+How this works: three tasks share one `ChatSession`. `_incoming` shows each session event.
+`_typing` takes the console's lines and acts on commands at once; a text line goes into an
+outbox that `_sending` drains, one send at a time, in the order typed. A send waits while the
+link is down (up to the session's send timeout), so it never holds up typing: a line typed
+while offline is shown as pending, then sent once the link is back or reported not
+delivered. /quit and end of input leave once the outbox is empty; Ctrl-C on the screen
+leaves at once and names what was not sent.
+
+The console is a prompt_toolkit screen on a terminal (chat/client/screen.py), or plain
+lines when stdin or stdout is a pipe (`PlainConsole`): `open_console()` picks.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from types import ModuleType
-from typing import TextIO
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Protocol, TextIO
 
 import trio
 
 from chat.client.connection import Message, ReceiptTimeout, StompError
-from chat.client.resilient import (
-    Event,
-    NotDelivered,
-    Online,
-    Reconnecting,
-    Recovered,
-    ResilientSession,
+from chat.client.display import (
+    Styled,
+    describe,
+    error_line,
+    help_line,
+    is_wildcard,
+    message_line,
+    pending_line,
+    plain,
+    printable,
+    recovery_gap,
+    room_destination,
+    room_of,
+    system_line,
 )
+from chat.client.resilient import Event, NotDelivered, Online, Reconnecting, Recovered
 from chat.errors import InvalidDestination
-from chat.topics import ANY, ONE, TOPIC_PREFIX, parse_destination
 
 READ_CHUNK = 4096  # bytes per os.read() of a piped stdin
-CLEAR_LINE = "\r\x1b[K"  # carriage return + ANSI "erase to end of line"
-CONTINUATION = "\n    "  # later lines of a multi-line message are indented under the first
-# C0 and C1 control characters (but tab and newline): a message must not drive the terminal.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+JOIN_BACKLOG = 20  # messages of a room shown on joining it, before the live ones
+MAX_PENDING_LINES = 256  # typed lines not yet sent; a human never gets near it, a paste might
+HISTORY_SUFFIX = ".history"  # typed lines are kept beside the refresh token: certs/NAME.history
 
 HELP = (
     "commands:",
@@ -46,57 +57,57 @@ HELP = (
     "  /leave [ROOM]  leave ROOM (default: the current room)",
     "  /rooms         list the rooms joined",
     "  /help          this help",
-    "  /quit          leave the chat (Ctrl-D and Ctrl-C too)",
+    "  /quit          leave the chat once what you typed is sent (Ctrl-D too)",
+    "  Ctrl-C         leave at once",
+    "  PageUp/Down    page through the conversation; Up/Down recall what you typed",
     "anything else is sent to the current room",
 )
 
 Task = Callable[[], Awaitable[object]]
 
 
-# ---------------------------------------------------------------- rooms and formatting
+class End(Enum):
+    """Why a console has no line to give."""
+
+    EOF = "eof"  # Ctrl-D, or the end of a pipe: leave once what was typed is sent
+    INTERRUPT = "interrupt"  # Ctrl-C on the screen: leave now
 
 
-def room_destination(room: str, *, wildcards: bool) -> str:
-    """`dev.backend` -> `/topic/dev.backend`, checked with the server's own rules."""
-    destination = room if room.startswith(TOPIC_PREFIX) else TOPIC_PREFIX + room
-    parse_destination(destination, wildcards=wildcards)
-    return destination
+Typed = str | End
 
 
-def room_of(destination: str) -> str:
-    return destination.removeprefix(TOPIC_PREFIX)
+class Console(Protocol):
+    """Where the chat meets the user."""
+
+    def show(self, line: Styled) -> None:
+        """Print one line (above the line being typed, on a screen)."""
+
+    def link_changed(self, event: Online | Reconnecting, me: str) -> None:
+        """The link went down, or came up."""
+
+    async def read_line(self, prompt: str) -> Typed:
+        """The next typed line, or why there is none."""
 
 
-def is_wildcard(room: str) -> bool:
-    return any(segment in (ONE, ANY) for segment in room.split("."))
+class ChatLink(Protocol):
+    """What the chat needs of a session (`ResilientSession`)."""
 
+    @property
+    def user_name(self) -> str: ...
 
-def printable(text: str) -> str:
-    """`text` with control characters replaced, lines after the first indented."""
-    lines = [_CONTROL.sub("\N{REPLACEMENT CHARACTER}", line) for line in text.splitlines()]
-    return CONTINUATION.join(lines)
+    @property
+    def session(self) -> str: ...
 
+    @property
+    def online(self) -> bool: ...
 
-def format_message(message: Message) -> str:
-    """`HH:MM:SS [room] sender: text`, the time from the server's `timestamp` header."""
-    clock = time.strftime("%H:%M:%S", time.localtime(message.timestamp / 1000))
-    room = printable(room_of(message.destination))
-    return f"{clock} [{room}] {printable(message.sender)}: {printable(message.text)}"
+    async def subscribe(self, destination: str, *, last: int = 0) -> None: ...
 
+    async def unsubscribe(self, destination: str) -> None: ...
 
-def describe(event: Event) -> str | None:
-    """The status line for a session event worth showing (without the `* `), else None."""
-    if isinstance(event, Reconnecting):
-        return (
-            f"reconnecting\N{HORIZONTAL ELLIPSIS} (attempt {event.attempt}, next try in "
-            f"{event.delay:.1f} s): {printable(event.reason)}"
-        )
-    if isinstance(event, Online) and not event.first:
-        return "back online"
-    if isinstance(event, Recovered) and not event.ok:
-        room = printable(room_of(event.destination))
-        return f"{room}: messages sent while you were away may be missing"
-    return None
+    async def send(self, destination: str, body: str) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[Event]: ...
 
 
 # ---------------------------------------------------------------- concurrency
@@ -123,7 +134,7 @@ async def first_of(*tasks: Task) -> None:
         raise errors[0]
 
 
-# ---------------------------------------------------------------- the console
+# ---------------------------------------------------------------- pipes
 
 
 class _FdLines:
@@ -146,75 +157,74 @@ class _FdLines:
         return line.decode("utf-8", "replace").removesuffix("\r")
 
 
-class Console:
-    """Where the chat meets the user: a readline terminal, or plain pipes."""
+class PlainConsole:
+    """Plain lines in and out, for pipes: no prompt, no colour, one line per status change."""
 
-    def __init__(self, out: TextIO, readline: ModuleType | None) -> None:
+    def __init__(self, out: TextIO, fd: int) -> None:
         self._out = out
-        self._readline = readline  # None: not a terminal, read plain lines
-        self._prompt: str | None = None  # set while a line is being typed
-        self._lines = _FdLines(sys.stdin.fileno()) if readline is None else None
+        self._lines = _FdLines(fd)
+        self._ended = False
 
-    @classmethod
-    @contextmanager
-    def open(cls) -> Iterator[Console]:
-        """The process's console; on a terminal, its settings are restored on the way out."""
-        if not (sys.stdin.isatty() and sys.stdout.isatty()):
-            yield cls(sys.stdout, None)
-            return
-        # Imported only for a terminal: importing readline enables line editing in input()
-        # and may write terminal escapes, which have no place in a pipe.
-        import readline
-        import termios
-
-        saved = termios.tcgetattr(sys.stdin.fileno())
-        try:
-            yield cls(sys.stdout, readline)
-        finally:
-            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
-
-    def show(self, line: str) -> None:
-        """Print one line above the line being typed, then redraw the prompt and typing."""
-        if self._prompt is None or self._readline is None:
-            self._out.write(f"{line}\n")
-        else:
-            typed = self._readline.get_line_buffer()
-            self._out.write(f"{CLEAR_LINE}{line}\n{self._prompt}{typed}")
+    def show(self, line: Styled) -> None:
+        self._out.write(plain(line) + "\n")
         self._out.flush()
 
-    def status(self, text: str) -> None:
-        """A status line (joined, left, errors): set apart from chat lines by a `*`."""
-        self.show(f"* {text}")
+    def link_changed(self, event: Online | Reconnecting, me: str) -> None:
+        status = describe(event)
+        if status is not None:
+            self.show(system_line(status))
 
-    async def read_line(self, prompt: str) -> str | None:
-        """The next typed line, or None at end of input (Ctrl-D)."""
-        if self._lines is not None:
-            return await trio.to_thread.run_sync(self._lines.readline, abandon_on_cancel=True)
-        self._prompt = prompt
-        try:
-            return await trio.to_thread.run_sync(input, prompt, abandon_on_cancel=True)
-        except EOFError:  # Ctrl-D: leave the cursor on a fresh line
-            self._out.write("\n")
-            return None
-        except trio.Cancelled:  # leaving mid-line (Ctrl-C, connection lost): clear the prompt
-            self._out.write(CLEAR_LINE)
-            raise
-        finally:
-            self._prompt = None
-            self._out.flush()
+    async def read_line(self, prompt: str) -> Typed:
+        """The next line; End.EOF once, then nothing more (a pipe stays at its end)."""
+        if self._ended:
+            await trio.sleep_forever()
+        line = await trio.to_thread.run_sync(self._lines.readline, abandon_on_cancel=True)
+        if line is None:
+            self._ended = True
+            return End.EOF
+        return line
+
+
+def history_file(token_file: Path) -> Path:
+    """Where typed lines are kept: beside the refresh token, e.g. certs/alice.history."""
+    path = token_file.with_suffix(HISTORY_SUFFIX)
+    return path if path != token_file else token_file.with_name(token_file.name + HISTORY_SUFFIX)
+
+
+@asynccontextmanager
+async def open_console(history: Path) -> AsyncIterator[Console]:
+    """The screen on a terminal (typed lines kept in `history`), plain lines on pipes."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        yield PlainConsole(sys.stdout, sys.stdin.fileno())
+        return
+    from chat.client.screen import open_screen  # prompt_toolkit only for a terminal
+
+    async with open_screen(history) as screen:
+        yield screen
 
 
 # ---------------------------------------------------------------- the chat session
 
 
-class ChatSession:
-    """One interactive chat: the rooms joined, the current room, the commands."""
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A typed line on its way to the room that was current when it was typed."""
 
-    def __init__(self, session: ResilientSession, console: Console) -> None:
+    destination: str
+    text: str
+
+
+class ChatSession:
+    """One interactive chat: the rooms joined, the current room, the commands, the outbox."""
+
+    def __init__(self, session: ChatLink, console: Console) -> None:
         self._session = session
         self._console = console
         self._rooms: list[str] = []  # in the order joined
         self._current: str | None = None
+        self._outbox_in, self._outbox = trio.open_memory_channel[Outgoing](MAX_PENDING_LINES)
+        self._unsent: deque[Outgoing] = deque()  # in the outbox or being sent, in order
+        self._in_flight: Outgoing | None = None
         self._commands: dict[str, Callable[[list[str]], Awaitable[bool]]] = {
             "/join": self._join,
             "/leave": self._leave,
@@ -224,108 +234,163 @@ class ChatSession:
         }
 
     async def run(self, room: str) -> None:
-        """Join `room`, then chat until /quit, end of input, or a ClientError (raised)."""
+        """Join `room`, then chat until the user leaves, or a ClientError (raised)."""
         session = self._session
-        self._console.status(
+        self._status(
             f"connected as {session.user_name} (session {session.session}); /help lists commands"
         )
         await self._join([room])
-        await first_of(self._incoming, self._typing)
+        try:
+            await first_of(self._incoming, self._typing, self._sending)
+        finally:
+            self._report_unsent()
+
+    # ------------------------------------------------------------ the three tasks
 
     async def _incoming(self) -> None:
         async for event in self._session:
             if isinstance(event, Message):
-                self._console.show(format_message(event))
-                continue
-            status = describe(event)
-            if status is not None:
-                self._console.status(status)
+                self._console.show(message_line(event, self._session.user_name))
+            elif isinstance(event, Recovered):
+                if not event.ok:
+                    self._status(recovery_gap(event))
+            else:
+                self._console.link_changed(event, self._session.user_name)
 
     async def _typing(self) -> None:
+        """Lines until the user leaves; after /quit or end of input, wait for the outbox."""
         while True:
-            prompt = f"[{self._current}] > " if self._current else "> "
-            line = await self._console.read_line(prompt)
-            if line is None or not await self.handle(line.strip()):
+            line = await self._console.read_line(self._prompt())
+            if line is End.INTERRUPT:
                 return
+            if line is End.EOF or not await self.handle(line.strip()):
+                break
+        self._outbox_in.close()  # `_sending` ends, and the chat with it, once it is empty
+        while self._unsent:
+            self._status(
+                f"leaving once {len(self._unsent)} pending line(s) are sent; Ctrl-C leaves now"
+            )
+            if await self._console.read_line(self._prompt()) is End.INTERRUPT:
+                return
+
+    async def _sending(self) -> None:
+        """Send the outbox in order; each line confirmed by the server, or reported."""
+        async for outgoing in self._outbox:
+            self._in_flight = outgoing
+            try:
+                await self._session.send(outgoing.destination, outgoing.text)
+            except NotDelivered as exc:
+                self._error(f"not delivered: {printable(outgoing.text)!r}: {exc}")
+            self._in_flight = None
+            self._unsent.popleft()
+
+    def _report_unsent(self) -> None:
+        """Leaving before the outbox was empty: say which lines may not have arrived."""
+        for outgoing in self._unsent:
+            text = repr(printable(outgoing.text))
+            if outgoing is self._in_flight:
+                self._error(f"left before the server confirmed {text}: it may not have arrived")
+            else:
+                self._error(f"not sent: {text}")
+        self._unsent.clear()
+
+    # ------------------------------------------------------------ commands
 
     async def handle(self, line: str) -> bool:
         """Act on one typed line; False once the user asked to leave."""
         if not line:
             return True
         if not line.startswith("/"):
-            await self._say(line)
+            self._say(line)
             return True
         name, *args = line.split()
         command = self._commands.get(name.lower())
         if command is None:
-            self._console.status(f"unknown command {name}; /help lists the commands")
+            self._status(f"unknown command {name}; /help lists the commands")
             return True
         return await command(args)
 
-    async def _say(self, text: str) -> None:
+    def _say(self, text: str) -> None:
         room = self._current
         if room is None:
-            self._console.status("you are in no room: /join ROOM first")
+            self._status("you are in no room: /join ROOM first")
         elif is_wildcard(room):
-            self._console.status(f"{room} is a wildcard room, for listening; /join a plain room")
+            self._status(f"{room} is a wildcard room, for listening; /join a plain room")
+        elif len(self._unsent) >= MAX_PENDING_LINES:
+            self._error(f"not sent: {printable(text)!r}: {MAX_PENDING_LINES} lines already wait")
         else:
-            try:
-                await self._session.send(room_destination(room, wildcards=False), text)
-            except NotDelivered as exc:
-                self._console.status(f"not delivered: {printable(text)!r}: {exc}")
+            if self._unsent or not self._session.online:
+                self._console.show(pending_line(text))
+            outgoing = Outgoing(room_destination(room, wildcards=False), text)
+            self._unsent.append(outgoing)
+            self._outbox_in.send_nowait(outgoing)  # room for it: checked above
 
     async def _join(self, args: list[str]) -> bool:
         if len(args) != 1:
-            self._console.status("usage: /join ROOM")
+            self._status("usage: /join ROOM")
             return True
         room = room_of(args[0])
         if room in self._rooms:
             self._current = room
-            self._console.status(f"now talking in {room}")
+            self._status(f"now talking in {room}")
             return True
         try:
             destination = room_destination(room, wildcards=True)
         except InvalidDestination as exc:
-            self._console.status(str(exc))
+            self._status(str(exc))
             return True
         try:
-            await self._session.subscribe(destination)
+            if is_wildcard(room):  # many topics: no one history to show
+                await self._session.subscribe(destination)
+            else:
+                await self._session.subscribe(destination, last=JOIN_BACKLOG)
         except (StompError, ReceiptTimeout) as exc:  # refused, or no answer: the chat goes on
-            self._console.status(f"cannot join {room}: {exc}")
+            self._error(f"cannot join {room}: {exc}")
             return True
         self._rooms.append(room)
         self._current = room
-        self._console.status(f"joined {room}")
+        self._status(f"joined {room}")
         return True
 
     async def _leave(self, args: list[str]) -> bool:
         if len(args) > 1:
-            self._console.status("usage: /leave [ROOM]")
+            self._status("usage: /leave [ROOM]")
             return True
         room = room_of(args[0]) if args else self._current
         if room is None or room not in self._rooms:
-            self._console.status(f"you are not in {room}" if room else "you are in no room")
+            self._status(f"you are not in {room}" if room else "you are in no room")
             return True
         self._rooms.remove(room)
         await self._session.unsubscribe(room_destination(room, wildcards=True))
         if self._current == room:
             self._current = self._rooms[-1] if self._rooms else None
         now = f"; now talking in {self._current}" if self._current else ""
-        self._console.status(f"left {room}{now}")
+        self._status(f"left {room}{now}")
         return True
 
     async def _list(self, args: list[str]) -> bool:
         if not self._rooms:
-            self._console.status("you are in no room: /join ROOM")
+            self._status("you are in no room: /join ROOM")
             return True
         names = [f"{room} (current)" if room == self._current else room for room in self._rooms]
-        self._console.status("rooms: " + ", ".join(names))
+        self._status("rooms: " + ", ".join(names))
         return True
 
     async def _help(self, args: list[str]) -> bool:
         for line in HELP:
-            self._console.show(line)
+            self._console.show(help_line(line))
         return True
 
     async def _quit(self, args: list[str]) -> bool:
         return False
+
+    # ------------------------------------------------------------ output
+
+    def _prompt(self) -> str:
+        return f"[{self._current}] > " if self._current else "> "
+
+    def _status(self, text: str) -> None:
+        self._console.show(system_line(text))
+
+    def _error(self, text: str) -> None:
+        self._console.show(error_line(text))
