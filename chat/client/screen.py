@@ -270,7 +270,7 @@ class Screen:
         search = SearchToolbar()
         typing = Window(
             BufferControl(buffer, input_processors=[BeforeInput(self._message)],
-                          search_buffer_control=search.control),
+                          search_buffer_control=search.control, preview_search=True),
             height=Dimension(min=1, max=MAX_INPUT_ROWS), wrap_lines=True,
             dont_extend_height=True,
         )
