@@ -573,6 +573,17 @@ async def test_send_gives_up_after_its_timeout(servers: Servers, pki: TestPki) -
         assert not failed.value.maybe_delivered
 
 
+async def test_sends_queued_together_give_up_together(servers: Servers, pki: TestPki) -> None:
+    """The send timeout counts from when a line was queued, not from its turn: a line
+    queued long enough ago while offline is reported at once."""
+    first = await servers.start()
+    async with resilient_as(first.ws_url, first, pki) as bob:
+        await servers.stop()
+        with trio.fail_after(QUICK.send_timeout / 2), pytest.raises(NotDelivered) as failed:
+            await bob.send(LOBBY, "typed long ago", queued_at=trio.current_time() - FAST)
+        assert not failed.value.maybe_delivered
+
+
 async def test_revoked_identity_ends_the_session(start_server: StartServer, pki: TestPki) -> None:
     """Revocation closes the link; the reconnect is refused a token: that is final."""
     server = await start_server(revocation_poll=0.1)

@@ -153,7 +153,7 @@ class FakeLink:
     async def unsubscribe(self, destination: str) -> None:
         pass
 
-    async def send(self, destination: str, body: str) -> None:
+    async def send(self, destination: str, body: str, *, queued_at: float) -> None:
         while not self.online:
             if self._gave_up:
                 raise NotDelivered("not connected for 30 s; it was not sent",

@@ -245,14 +245,17 @@ class ResilientSession:
         receipt: bool = True,
         content_type: str = TEXT_PLAIN,
         headers: Sequence[tuple[str, str]] = (),
+        queued_at: float | None = None,
     ) -> None:
         """SEND once the link is up (waiting up to the send timeout); with `receipt`, return
         only when the server confirmed it (stored, PROTOCOL.md §8).
 
+        `queued_at` (trio time, default now): when the caller queued it; the send timeout
+        counts from then, so lines queued together while offline give up together.
         Raises `NotDelivered` when the link died before the confirmation: never resent,
         since the server may have published it; `maybe_delivered` says whether it left.
         """
-        client = await self._ready_client()
+        client = await self._ready_client(queued_at)
         try:
             await client.send(
                 destination, body, receipt=receipt, content_type=content_type, headers=headers
@@ -481,10 +484,12 @@ class ResilientSession:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def _ready_client(self) -> StompClient:
-        """The current link once it is up and resubscribed, waiting up to the send timeout."""
+    async def _ready_client(self, queued_at: float | None) -> StompClient:
+        """The current link once it is up and resubscribed, waiting until the send timeout
+        (counted from `queued_at`) has passed."""
         timeout = self._resilience.send_timeout
-        with trio.move_on_after(timeout):
+        start = trio.current_time() if queued_at is None else queued_at
+        with trio.move_on_at(start + timeout):
             while True:
                 self._check()
                 link = self._link

@@ -212,6 +212,7 @@ class Outgoing:
 
     destination: str
     text: str
+    typed_at: float  # trio time: the send timeout counts from here, not from its turn
 
 
 class ChatSession:
@@ -278,7 +279,9 @@ class ChatSession:
         async for outgoing in self._outbox:
             self._in_flight = outgoing
             try:
-                await self._session.send(outgoing.destination, outgoing.text)
+                await self._session.send(
+                    outgoing.destination, outgoing.text, queued_at=outgoing.typed_at
+                )
             except NotDelivered as exc:
                 self._error(f"not delivered: {printable(outgoing.text)!r}: {exc}")
             self._in_flight = None
@@ -321,7 +324,7 @@ class ChatSession:
         else:
             if self._unsent or not self._session.online:
                 self._console.show(pending_line(text))
-            outgoing = Outgoing(room_destination(room, wildcards=False), text)
+            outgoing = Outgoing(room_destination(room, wildcards=False), text, trio.current_time())
             self._unsent.append(outgoing)
             self._outbox_in.send_nowait(outgoing)  # room for it: checked above
 
