@@ -10,12 +10,14 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
 import trio
 
+from chat.load.progress import ProgressLine
 from chat.load.runner import LoadConfig, LoadError, run_load
 from chat.load.stats import BODY_HEAD, MAX_PUBLISHERS, CpuUse, ProcessGone, Report
 from chat.load.stats import process_cpu_seconds as _cpu_seconds
@@ -29,15 +31,18 @@ MAX_WARMUP = 600.0
 
 DESCRIPTION = """\
 Load generator for chat-server: opens SUBSCRIBERS + PUBLISHERS connections (mutual TLS,
-one access token per identity, STOMP over WebSocket through the client library),
+one shared access token per identity, STOMP over WebSocket through the client library's
+resilient session: a server restart during the run costs reconnects, not the run),
 publishes for WARMUP + DURATION seconds and reports, for the measured window (the
-DURATION after the warm-up): messages sent, deliveries vs expected (sent x matching
-subscribers), deliveries/s, end-to-end latency p50/p99/p99.9 (publisher send to
-subscriber receipt, from a timestamp in the body), the server's CPU time per delivery
-(with --server-pid) and the harness's own CPU use. A harness using ~100% of its core
-is the bottleneck: its figures then bound the server from below, and server CPU
-us/delivery is the number that compares servers. It stops by itself: setup <= 60 s,
-then warm-up + duration, <= 5 s of drain, <= 5 s to disconnect.
+DURATION after the warm-up): messages sent and how many the server confirmed (RECEIPT:
+stored), deliveries vs expected (confirmed x matching subscribers; the difference is
+lost), duplicates (by topic, epoch and offset), reconnects, deliveries/s, end-to-end
+latency p50/p99/p99.9 (publisher send to subscriber receipt, from a timestamp in the
+body), the server's CPU time per delivery (with --server-pid) and the harness's own CPU
+use. A harness using ~100% of its core is the bottleneck: its figures then bound the
+server from below, and server CPU us/delivery is the number that compares servers. It
+stops by itself: setup <= 60 s, then warm-up + duration, <= 5 s of drain, <= 5 s to
+disconnect. On a terminal, stderr shows a progress line while it runs.
 """
 
 EPILOG = """\
@@ -69,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "from POST /auth/token on the same host and port")
     p.add_argument("--certs", type=Path, default=Path("certs"), metavar="DIR",
                    help="client certificates: every NAME.crt with a NAME.key except ca and "
-                   "server; connections take them round-robin, one token each "
-                   "(default %(default)s)")
+                   "server, skipping (with a warning) encrypted keys and certificates "
+                   "expired, not yet valid or not issued by DIR/ca.crt; connections take "
+                   "them round-robin, one token each (default %(default)s)")
+    p.add_argument("--identities", type=_names, metavar="NAME,...",
+                   help="use only these identities of DIR (NAME.crt + NAME.key each); "
+                   "a missing or unusable one is an error")
     p.add_argument("--ca", type=Path, metavar="FILE",
                    help="CA certificate the server must chain to (default DIR/ca.crt)")
     p.add_argument("--subscribers", type=int, default=100, metavar="N",
@@ -116,8 +125,16 @@ def config_of(args: argparse.Namespace) -> LoadConfig:
         subscribers=args.subscribers, publishers=args.publishers, topics=args.topics,
         rate=args.rate, max_inflight=args.max_inflight, size=args.size,
         duration=args.duration, warmup=args.warmup, server_pid=args.server_pid, raw=args.raw,
-        stalled=args.stalled,
+        stalled=args.stalled, identities=args.identities or (),
     )
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """--identities a,b,c as a tuple of names (blanks ignored, repeats once)."""
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("expected NAME[,NAME...]")
+    return names
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -150,6 +167,10 @@ def _check(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- output
 
 
+def _warn(line: str) -> None:
+    print(f"{PROG}: warning: {line}", file=sys.stderr)
+
+
 def as_json(report: Report) -> str:
     return json.dumps(dataclasses.asdict(report))
 
@@ -160,26 +181,65 @@ def as_table(report: Report) -> str:
     rows = [
         ("run", f"{r.mode} {r.url}: {r.subscribers} subscribers, {r.publishers} publishers, "
                 f"{r.topics} topics, {r.size} B, rate {rate}, max in flight {r.max_inflight}"),
+        ("identities", ", ".join(r.identities)),
         ("connections", f"{c.connected} of {c.requested} connected, {c.failed} failed, "
-                        f"{c.dropped} dropped" + (f" (first error: {c.first_error})"
-                                                  if c.first_error else "")),
+                        f"{c.dropped} dropped, {c.reconnects} reconnects"
+                        + (f" (first error: {c.first_error})" if c.first_error else "")),
         ("window", f"{r.window_s:.2f} s after {r.warmup_s:g} s of warm-up"),
-        ("sent", f"{r.sent:,} messages"),
-        ("delivered", f"{r.delivered:,} of {r.expected:,} expected ({r.lost:,} lost)"),
+        ("sent", _sent(r)),
+        ("delivered", f"{r.delivered:,} of {r.expected:,} expected ({r.lost:,} lost: "
+                      "confirmed but never received)"),
+        ("duplicates", f"{r.duplicates:,} (same topic, epoch and offset twice)"),
+        ("subscribers", _per_subscriber(r)),
         ("deliveries/s", f"{r.deliveries_per_s:,.0f}"),
         ("latency ms", f"p50 {_ms(lat.p50_ms)}  p99 {_ms(lat.p99_ms)}  "
                        f"p99.9 {_ms(lat.p99_9_ms)}  max {_ms(lat.max_ms)}  "
                        f"({lat.samples:,} samples)"),
-        ("server CPU", _cpu(r.server_cpu) if r.server_cpu else "not measured (--server-pid)"),
+        ("server CPU", _server_cpu(r)),
         ("harness CPU", _cpu(r.harness_cpu) + ("  SATURATED: the harness limits these "
                                                "figures" if r.harness_saturated else "")),
-        ("flow stalls", f"{r.stalls} (publisher waits that timed out: lost deliveries)"),
+        ("flow stalls", f"{r.stalls} (publisher waits that timed out: lost deliveries, "
+                        "or the server was away)"),
         *([("stalled", f"{r.evicted} of {r.stalled} never-reading subscribers evicted "
                        "by the server (slow consumer)")] if r.stalled else []),
         *([("foreign", f"{r.foreign:,} messages not sent by this run, ignored")]
           if r.foreign else []),
     ]
     return "\n".join(f"{name:<14}{value}" for name, value in rows)
+
+
+def _sent(r: Report) -> str:
+    if r.mode == "raw":
+        return f"{r.sent:,} messages (raw: no receipts, all counted as accepted)"
+    line = f"{r.sent:,} messages, {r.confirmed:,} confirmed by the server"
+    if r.unconfirmed:
+        line += (f", {r.unconfirmed:,} unconfirmed (the link died before the RECEIPT; "
+                 f"{r.unconfirmed_delivered:,} deliveries of them came anyway)")
+    return line
+
+
+def _per_subscriber(r: Report) -> str:
+    subs = r.per_subscriber
+    if not subs:
+        return "-"
+    short = sum(s.received < s.expected for s in subs)
+    line = (f"received {_span(s.received for s in subs)} of {_span(s.expected for s in subs)} "
+            f"expected ({short} short), reconnects {_span(s.reconnects for s in subs)} each")
+    return line + (f", {r.unrecovered} resumes not recovered" if r.unrecovered else "")
+
+
+def _span(values: Iterable[int]) -> str:
+    ordered = sorted(values)
+    low, high = ordered[0], ordered[-1]
+    return f"{low:,}" if low == high else f"{low:,}..{high:,}"
+
+
+def _server_cpu(r: Report) -> str:
+    if r.server_cpu is not None:
+        return _cpu(r.server_cpu)
+    if r.server_exited:
+        return "not measured: the --server-pid process exited during the window"
+    return "not measured (--server-pid)"
 
 
 def _ms(value: float | None) -> str:
@@ -193,9 +253,10 @@ def _cpu(use: CpuUse) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one load test; 0 when it ran, 2 (one line on stderr) when it could not."""
+    progress = ProgressLine(sys.stderr) if sys.stderr.isatty() else None
     try:
         args = build_parser().parse_args(argv)
-        report = trio.run(run_load, config_of(args))
+        report = trio.run(partial(run_load, config_of(args), warn=_warn, progress=progress))
     except (UsageError, LoadError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
