@@ -64,6 +64,13 @@ class InvalidDestination(PolicyViolation):
     """A destination outside `/topic/NAME` (PROTOCOL.md §4), or a wildcard where none may be."""
 
 
+class LocalProtocolError(Exception):
+    """We tried to send what STOMP does not allow here (a bug in the caller, or a limit of ours).
+
+    As h11's `LocalProtocolError`: the connection is unusable afterwards (sticky failure).
+    """
+
+
 class HttpRefusal(Exception):
     """A request refused with `status` and a JSON body `{"error": code, "detail": ...}`."""
 

@@ -1,0 +1,21 @@
+"""What both ends of a chat connection must spell the same way, defined once (PROTOCOL.md).
+
+Close codes live with the errors that carry them (`chat.errors.CloseCode`).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+WS_PATH: Final = "/ws"  # §1: where the server serves STOMP over WebSocket
+STOMP_SUBPROTOCOLS: Final = ("v12.stomp", "v11.stomp", "v10.stomp")  # §2, best first
+STOMP_SUBPROTOCOL: Final = STOMP_SUBPROTOCOLS[0]  # the version our client speaks
+STOMP_VERSIONS: Final = ("1.2", "1.1", "1.0")  # CONNECT accept-version values, best first
+BEARER_PREFIX: Final = "bearer."  # §2: the access token rides in Sec-WebSocket-Protocol
+TOKEN_DESTINATION: Final = "/session/token"  # §7: a SEND here renews the connection's token
+TEXT_PLAIN: Final = "text/plain;charset=utf-8"  # the content-type of a text body
+
+
+def bearer_subprotocol(token: str) -> str:
+    """The `Sec-WebSocket-Protocol` entry that carries `token` (PROTOCOL.md §2)."""
+    return BEARER_PREFIX + token
