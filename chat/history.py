@@ -1,4 +1,4 @@
-"""Per-topic message history: offsets, epochs, retention, replay, durable storage (PROTOCOL.md §8).
+"""Per-topic message history: offsets, epochs, retention, replay (PROTOCOL.md §8).
 
 How this works: every published message gets its topic's next `offset` (1, 2, ...) under the
 topic's `epoch`, an opaque id of that topic's history. Offsets are assigned synchronously, in
@@ -11,11 +11,10 @@ Durability is asynchronous (group commit): `append()` also queues the message; a
 with `take_pending()`, writes it to SQLite in one transaction (WAL, `synchronous=FULL`, so a
 committed message survives a crash of the server) and then calls `mark_committed()`. Every
 append carries a store-wide `seq`; the server sends a SEND's RECEIPT only once
-`committed_seq >= seq`. On disk, each topic row holds its epoch and last committed offset; each
-message row is keyed by (destination, offset); pruning is by offset range (count) and by a
-timestamp index (age), so it costs little per batch. A topic minted by `position()` (a
-SUBSCRIBE to a room with no message yet) is queued too, as a row with last offset 0, so the
-epoch that SUBSCRIBE's RECEIPT names survives a restart.
+`committed_seq >= seq`. A topic minted by `position()` (a SUBSCRIBE to a room with no message
+yet) is queued too, so the epoch that SUBSCRIBE's RECEIPT names survives a restart. The file
+itself, and the records that go to it and come back (`Stored`, `Batch`, `Retention`), are
+`chat.store.history`; this module is the in-memory index the event loop works with.
 
 Replays are read in pages: `resume()` or `tail()` say where a subscriber's replay starts,
 and `read()` returns the committed messages after the offset it has reached so far, or
@@ -31,87 +30,18 @@ every topic gets a new epoch then (a fresh random one is minted on first use). P
 
 from __future__ import annotations
 
-import json
 import secrets
-import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from chat.sqlite import open_private
+from chat.store.history import Batch, Retention, SqliteBackend, Stored
 
 EPOCH_BYTES = 6  # 12 hex characters: an epoch only has to differ from its topic's earlier ones
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS topics (
-        destination TEXT PRIMARY KEY,
-        epoch TEXT NOT NULL,
-        last_offset INTEGER NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS messages (
-        destination TEXT NOT NULL,
-        offset INTEGER NOT NULL,
-        epoch TEXT NOT NULL,
-        timestamp_ms INTEGER NOT NULL,
-        sender TEXT NOT NULL,
-        content_type TEXT NOT NULL,
-        headers TEXT NOT NULL,
-        body BLOB NOT NULL,
-        PRIMARY KEY (destination, offset))""",
-    "CREATE INDEX IF NOT EXISTS messages_age ON messages (timestamp_ms)",
-)
-_INSERT = (
-    "INSERT OR REPLACE INTO messages (destination, offset, epoch, timestamp_ms, sender,"
-    " content_type, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_UPSERT_TOPIC = (
-    "INSERT INTO topics (destination, epoch, last_offset) VALUES (?, ?, ?)"
-    " ON CONFLICT (destination) DO UPDATE SET epoch = excluded.epoch,"
-    " last_offset = excluded.last_offset"
-)
-# A topic that has no message yet keeps its epoch; a real row (with messages) is never touched.
-_INSERT_QUIET_TOPIC = (
-    "INSERT INTO topics (destination, epoch, last_offset) VALUES (?, ?, 0)"
-    " ON CONFLICT (destination) DO NOTHING"
-)
-_PRUNE_COUNT = "DELETE FROM messages WHERE destination = ? AND offset <= ?"
-_PRUNE_AGE = "DELETE FROM messages WHERE timestamp_ms < ?"
-_LOAD = (
-    "SELECT m.destination, m.offset, m.timestamp_ms, m.sender, m.content_type, m.headers, m.body"
-    " FROM messages m JOIN topics t ON t.destination = m.destination"
-    " WHERE m.offset > t.last_offset - ? ORDER BY m.destination, m.offset"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Retention:
-    """How much history each topic keeps (PROTOCOL.md §8: count and age)."""
-
-    max_count: int = 1000  # per topic
-    max_age: float = 7 * 86400.0  # seconds
-
-    def __post_init__(self) -> None:
-        if self.max_count < 0 or self.max_age < 0:
-            raise ValueError(f"retention limits must not be negative: {self}")
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """One published message with its place in its topic's history."""
-
-    destination: str
-    offset: int
-    epoch: str
-    timestamp_ms: int
-    sender: str
-    content_type: str
-    body: bytes
-    headers: tuple[tuple[str, str], ...]  # user headers passed through to MESSAGE
-    seq: int  # store-wide append sequence number (durability tracking); 0 when loaded from disk
+DEFAULT_RETENTION = Retention()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,28 +65,6 @@ class HistoryGap(LookupError):
     """Messages a replay has not sent yet are no longer retained (or the epoch changed)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """What one group commit writes: appended messages and topics minted with no message yet."""
-
-    messages: list[Stored]
-    topics: list[tuple[str, str]]  # (destination, epoch) minted by `position()`
-    seq: int  # every append and mint with a seq up to this one is in this batch or an earlier one
-
-    def __bool__(self) -> bool:
-        return bool(self.messages or self.topics)
-
-
-@dataclass(frozen=True, slots=True)
-class TopicState:
-    """One topic as loaded from disk."""
-
-    destination: str
-    epoch: str
-    last_offset: int
-    messages: tuple[Stored, ...]  # the retained tail, contiguous offsets ending at last_offset
-
-
 def new_epoch() -> str:
     """A fresh id for a topic's history, minted when everything before it may be lost."""
     return secrets.token_hex(EPOCH_BYTES)
@@ -164,118 +72,6 @@ def new_epoch() -> str:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _headers_json(headers: tuple[tuple[str, str], ...]) -> str:
-    return json.dumps(headers) if headers else "[]"
-
-
-def _row(message: Stored) -> tuple[str, int, str, int, str, str, str, bytes]:
-    return (
-        message.destination,
-        message.offset,
-        message.epoch,
-        message.timestamp_ms,
-        message.sender,
-        message.content_type,
-        _headers_json(message.headers),
-        message.body,
-    )
-
-
-class SqliteBackend:
-    """The durable side: one SQLite file and one connection, used by one thread at a time."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-        self._lock = threading.Lock()  # commit() runs in a worker thread; close() may not
-        self._closed = False
-
-    @classmethod
-    def open(cls, path: Path) -> SqliteBackend:
-        """Open (or create, mode 0600) the history file in WAL mode with its schema."""
-        db = open_private(path)
-        backend = cls(db)
-        with backend._transaction():
-            for statement in _SCHEMA:
-                db.execute(statement)
-        return backend
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def load(self, retention: Retention, now_ms: int) -> list[TopicState]:
-        """Prune what retention no longer keeps, then read every topic."""
-        with self._transaction() as db:
-            db.execute(_PRUNE_AGE, (now_ms - retention.max_age * 1000.0,))
-            db.execute(
-                "DELETE FROM messages WHERE offset <= (SELECT t.last_offset FROM topics t"
-                " WHERE t.destination = messages.destination) - ?",
-                (retention.max_count,),
-            )
-            return self._read(db, retention)
-
-    @staticmethod
-    def _read(db: sqlite3.Connection, retention: Retention) -> list[TopicState]:
-        topics = {d: (e, last) for d, e, last in db.execute(
-            "SELECT destination, epoch, last_offset FROM topics"
-        )}
-        tails: dict[str, list[Stored]] = {d: [] for d in topics}
-        for destination, offset, ts, sender, ctype, headers, body in db.execute(
-            _LOAD, (retention.max_count,)
-        ):
-            tail = tails[destination]
-            if tail and tail[-1].offset != offset - 1:
-                tail.clear()  # keep only the contiguous run ending at the last offset
-            pairs = tuple((name, value) for name, value in json.loads(headers))
-            epoch = topics[destination][0]
-            tail.append(Stored(destination, offset, epoch, ts, sender, ctype, body, pairs, 0))
-        return [
-            TopicState(d, epoch, last, _contiguous_tail(tails[d], last))
-            for d, (epoch, last) in topics.items()
-        ]
-
-    def write(self, batch: Batch, retention: Retention) -> None:
-        """Write one batch, its topics' epochs and last offsets, and prune: one transaction."""
-        with self._transaction() as db:
-            db.executemany(_INSERT_QUIET_TOPIC, batch.topics)  # first: messages then update it
-            if batch.messages:
-                self._write_messages(db, batch.messages, retention)
-
-    @staticmethod
-    def _write_messages(db: sqlite3.Connection, batch: list[Stored], retention: Retention) -> None:
-        last: dict[str, Stored] = {message.destination: message for message in batch}
-        db.executemany(_INSERT, map(_row, batch))
-        db.executemany(_UPSERT_TOPIC, ((d, m.epoch, m.offset) for d, m in last.items()))
-        db.executemany(
-            _PRUNE_COUNT,
-            ((d, m.offset - retention.max_count) for d, m in last.items()
-             if m.offset > retention.max_count),
-        )
-        newest = max(message.timestamp_ms for message in batch)
-        db.execute(_PRUNE_AGE, (newest - retention.max_age * 1000.0,))
-
-    def close(self) -> None:
-        """Close; call only once every append was written."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._db.close()
-
-
-def _contiguous_tail(tail: list[Stored], last_offset: int) -> tuple[Stored, ...]:
-    if tail and tail[-1].offset != last_offset:
-        return ()  # the newest rows are missing: nothing retained joins up with what comes next
-    return tuple(tail)
 
 
 class _Topic:
@@ -295,11 +91,12 @@ class _Topic:
 class History:
     """In-memory index of retained messages, with an optional durable backend.
 
-    Everything but `commit()` runs on the event loop; `commit()` touches only SQLite.
+    Everything but `commit()` and `close()` runs on the event loop; those two, and opening
+    (which loads the file), touch only SQLite.
     """
 
     def __init__(
-        self, retention: Retention = Retention(), backend: SqliteBackend | None = None
+        self, retention: Retention = DEFAULT_RETENTION, backend: SqliteBackend | None = None
     ) -> None:
         self._retention = retention
         self._max_age_ms = retention.max_age * 1000.0
@@ -316,12 +113,12 @@ class History:
                 )
 
     @classmethod
-    def memory(cls, retention: Retention = Retention()) -> History:
+    def memory(cls, retention: Retention = DEFAULT_RETENTION) -> History:
         """History that lives and dies with the process (every restart is a new epoch)."""
         return cls(retention)
 
     @classmethod
-    def open_sqlite(cls, path: Path, retention: Retention = Retention()) -> History:
+    def open_sqlite(cls, path: Path, retention: Retention = DEFAULT_RETENTION) -> History:
         """History stored in SQLite at `path`, loaded from it."""
         return cls(retention, SqliteBackend.open(path))
 

@@ -4,10 +4,10 @@ How this works: one local CA (ECDSA P-256) signs a server certificate and one cl
 certificate per user. A client certificate's subject CN is the user's identity, and the
 SHA-256 of its DER is the `x5t#S256` thumbprint that access tokens are bound to (§3).
 Revocation is a CRL signed by the same CA and loaded into the server's SSL context with
-leaf CRL checking, so a revoked certificate fails the TLS handshake. Files are created
-once (O_EXCL) and private keys are born 0600; the only file ever replaced is the CRL,
-atomically. Every failure is a `PkiError` whose message names the file, so a CLI can print
-it as one line. Pure module: no trio.
+leaf CRL checking, so a revoked certificate fails the TLS handshake. Files are written whole
+(`chat.store.files`), created once, never overwritten, and private keys are born 0600; the
+only file ever replaced is the CRL, atomically. Every failure is a `PkiError` whose message
+names the file, so a CLI can print it as one line. Pure module: no trio.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-import os
 import re
 import ssl
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from chat.store.files import write_atomic
 
 # File names inside a certs directory.
 CA_CERT = "ca.crt"
@@ -264,21 +264,21 @@ def write_private_key(path: Path, key: PrivateKeyTypes, passphrase: bytes | None
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    _write_new(Path(path), pem, KEY_MODE)
+    _write(Path(path), pem, KEY_MODE)
 
 
 def write_certificate(path: Path, cert: x509.Certificate) -> None:
     """Write `cert` as PEM; an existing file is an error, never overwritten."""
-    _write_new(Path(path), cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+    _write(Path(path), cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
 
 
 def write_crl(path: Path, crl: x509.CertificateRevocationList, *, replace: bool = False) -> None:
     """Write `crl` as PEM: a new file, or with `replace` an atomic swap of the old one."""
     pem = crl.public_bytes(serialization.Encoding.PEM)
     if replace:
-        _replace(Path(path), pem, PUBLIC_MODE)
+        _write(Path(path), pem, PUBLIC_MODE, replace=True)
     else:
-        _write_new(Path(path), pem, PUBLIC_MODE)
+        _write(Path(path), pem, PUBLIC_MODE)
 
 
 def load_certificate(path: Path) -> x509.Certificate:
@@ -332,36 +332,15 @@ def _read(path: Path) -> bytes:
         raise PkiError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` exclusively with `mode` from the start: no window with looser rights."""
+def _write(path: Path, data: bytes, mode: int, *, replace: bool = False) -> None:
+    """Write `path` whole or not at all, born with `mode`; an existing file is an error
+    unless `replace` (then it is swapped atomically: a reader never sees half a file)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        write_atomic(path, data, mode=mode, exclusive=not replace)
     except FileExistsError:
         raise PkiError(f"{path} already exists; refusing to overwrite it") from None
     except OSError as exc:
-        raise PkiError(f"cannot create {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-    except OSError as exc:
-        path.unlink(missing_ok=True)
         raise PkiError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    """Swap in new content atomically so a reader never sees a half-written file."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    except OSError as exc:
-        raise PkiError(f"cannot write next to {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            os.fchmod(out.fileno(), mode)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise PkiError(f"cannot replace {path}: {exc.strerror}") from None
 
 
 # ---------------------------------------------------------------- identity

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chat.history import Batch, History, HistoryGap, Position, Retention, Stored
+from chat.history import History, HistoryGap, Position
+from chat.store.history import Batch, Retention, Stored
 
 NOW = time.time_ns() // 1_000_000  # ms; loading from disk prunes by the real clock
 A = "/topic/a"

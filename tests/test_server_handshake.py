@@ -11,7 +11,7 @@ import pytest
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from chat import pki as pki_module
-from chat.tokens import KeyStore
+from chat.store.keys import KeyStore
 from tests.conftest import RunningServer, TestPki, raw_ws, token_for
 
 

@@ -9,8 +9,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from chat.state import StateStore
-from chat.tokens import KeyStore
+from chat.store.keys import KeyStore
+from chat.store.state import StateStore
 from tests.conftest import RunningServer, StompPeer, TestPki, raw_ws, stomp_peer, token_for
 
 

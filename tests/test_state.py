@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from chat.errors import HttpRefusal
-from chat.state import StateStore
+from chat.store.state import StateStore
 from chat.tokens import (
     Claims,
     IdentityRevoked,
@@ -206,6 +206,30 @@ def test_two_stores_on_one_file_see_each_others_revocations(
         assert not state.is_identity_revoked("alice")
     finally:
         operator.close()
+
+
+def test_the_snapshot_shows_own_changes_at_once_and_others_once_loaded(
+    state: StateStore, db_path: Path
+) -> None:
+    assert state.revocations.version == state.revocation_version()
+    state.revoke_jti("j1", NOW + 300)
+    assert state.revocations.is_revoked(_claims(jti="j1"))  # this store's own change
+    operator = StateStore.open(db_path)  # `chat-server revoke` in another process
+    try:
+        operator.revoke_sub("bob", NOW)
+        assert not state.revocations.is_identity_revoked("bob")  # from memory: not yet
+        assert state.load_revocations().is_identity_revoked("bob")
+        assert state.revocations.is_revoked(_claims(sub="bob", jti="j2"))
+        assert state.revocations.version == operator.revocation_version()
+    finally:
+        operator.close()
+
+
+def test_pruned_jtis_leave_the_snapshot(state: StateStore) -> None:
+    state.revoke_jti("j1", NOW)
+    assert state.revocations.jtis == {"j1"}
+    state.prune(NOW + 3600)
+    assert state.revocations.jtis == frozenset()
 
 
 def test_reuse_detected_through_another_store(state: StateStore, db_path: Path) -> None:

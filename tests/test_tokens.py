@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,13 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.utils import base64url_encode
 
 from chat.errors import HttpRefusal
+from chat.store.keys import KeyStore
 from chat.tokens import (
     AUDIENCE,
     Claims,
     IdentityRevoked,
     InvalidRefresh,
     InvalidToken,
-    KeyStore,
     MissingToken,
     RefreshExpired,
     RefreshReused,
@@ -221,6 +222,20 @@ def test_reload_sees_another_process_rotation(tmp_path: Path, store: KeyStore) -
     store.reload()
     assert store.active_kid == new_kid
     assert store.public_key(new_kid) is not None
+
+
+def test_refresh_rereads_the_directory_only_when_it_changed(
+    tmp_path: Path, store: KeyStore
+) -> None:
+    directory = tmp_path / "keys"
+    assert store.refresh()  # never looked before
+    assert not store.refresh()
+    new_kid = KeyStore.open(directory).rotate(NOW)
+    moved = directory.stat().st_mtime_ns + 1  # as a clock coarser than two writes would not
+    os.utime(directory, ns=(moved, moved))
+    assert store.refresh()
+    assert store.active_kid == new_kid
+    assert not store.refresh()
 
 
 def test_a_key_file_that_does_not_match_its_kid_is_refused(tmp_path: Path) -> None:

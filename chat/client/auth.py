@@ -16,10 +16,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import secrets
 import ssl
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -40,6 +39,7 @@ from chat.client.http import (
     refresh_token,
 )
 from chat.pki import client_ssl_context
+from chat.store.files import write_atomic
 
 __all__ = [
     "ExposedTokenFile",
@@ -152,19 +152,10 @@ class TokenFile:
         return token or None
 
     def save(self, token: str) -> None:
-        """Write to a new 0600 file beside it, then rename over it: never a partial token."""
-        temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}")
+        """Replace the file atomically, 0600 from its first byte: never a partial token."""
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         TOKEN_FILE_MODE)
-            with os.fdopen(fd, "w", encoding="ascii") as file:
-                file.write(token + "\n")
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, self.path)
+            write_atomic(self.path, f"{token}\n".encode("ascii"), mode=TOKEN_FILE_MODE)
         except OSError as exc:
-            with suppress(OSError):
-                os.unlink(temp)
             raise self._error("write", exc) from exc
 
     @asynccontextmanager

@@ -4,7 +4,11 @@ How this works: the accept loop and the connection handlers live in separate nur
 Each handler does the TLS handshake and reads the request head under one timeout, then
 either answers a plain HTTP route or upgrades to a `Connection`. A failure in one handler
 ends only that connection. Shutdown stops accepting, asks every connection to close
-with 1001, and cancels what is left after the grace period.
+with 1001, and cancels what is left after the grace period. Storage is opened once, before
+serving; from then on it is called only through the stores' lanes (`storage.py`), and the
+upgrade and every live session check revocations against the state store's snapshot,
+which two background tasks keep fresh: one polls the revocation counter, one the key
+directory (each in its own lane, so a locked key directory never delays a revocation).
 """
 
 from __future__ import annotations
@@ -24,17 +28,20 @@ from wsproto.utilities import RemoteProtocolError as WsProtocolError
 
 from chat import pki
 from chat.errors import CloseCode, HttpRefusal
-from chat.history import History, Retention
+from chat.history import History
 from chat.server.broker import Broker
 from chat.server.config import ServerConfig
 from chat.server.connection import Connection, Ending, Outbox
 from chat.server.durability import Durability
 from chat.server.http_api import BadRequest, HttpApi, Peer, Request, Response, refusal_response
 from chat.server.session import SessionLimits, StompSession
+from chat.server.storage import Lane
 from chat.server.upgrade import BadHandshake, authorize, is_upgrade
-from chat.state import StateStore
 from chat.stomp import FrameParser, Limits
-from chat.tokens import KeyStore, TokenAuthority, TokenPolicy, TrustedIssuer
+from chat.store.history import Retention
+from chat.store.keys import KeyStore
+from chat.store.state import StateStore
+from chat.tokens import Claims, TokenAuthority, TokenPolicy, TrustedIssuer
 
 log = logging.getLogger("chat.server")
 
@@ -88,8 +95,7 @@ class ChatServer:
         self.config = config
         self.tls = TlsContexts(config)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.keys_dir = config.state_dir / "keys"
-        self.keys = KeyStore.open(self.keys_dir)
+        self.keys = KeyStore.open(config.state_dir / "keys")
         trusted = [TrustedIssuer.from_jwks_file(path, iss) for path, iss in config.trusted_jwks]
         self.authority = TokenAuthority(
             self.keys,
@@ -102,9 +108,12 @@ class ChatServer:
         )
         self.state = StateStore.open(config.state_dir / "state.db")
         self.history = _open_history(config)
-        self.durability = Durability(self.history)
+        self.keys_lane, self.state_lane, self.history_lane = Lane(), Lane(), Lane()
+        self.durability = Durability(self.history, self.history_lane)
         self.broker = Broker(self.history, self.durability)
-        self.api = HttpApi(self.authority, self.keys, self.state, config.refresh_lifetime)
+        self.api = HttpApi(
+            self.authority, self.keys, self.state, self.state_lane, config.refresh_lifetime
+        )
         self.connections: set[Connection] = set()
         self._stop = trio.Event()
         self._limits = SessionLimits(config.max_subscriptions, config.heartbeat)
@@ -134,7 +143,8 @@ class ChatServer:
                             trio.serve_listeners, self._handle, listeners, handler_nursery=handlers
                         )
                     )
-                    background.start_soon(self._watch_state)
+                    background.start_soon(self._watch_revocations)
+                    background.start_soon(self._watch_keys)
                     background.start_soon(self.durability.run)
                     background.start_soon(self._prune)
                     log.info(
@@ -149,8 +159,9 @@ class ChatServer:
                     background.cancel_scope.cancel()
                 await self._drain(handlers)
         finally:
-            self.history.close()  # writes whatever is still pending, marks a clean shutdown
-            self.state.close()
+            # Writes whatever is still pending, marks a clean shutdown.
+            await self.history_lane.run_shielded(self.history.close)
+            await self.state_lane.run_shielded(self.state.close)
 
     async def _drain(self, handlers: trio.Nursery) -> None:
         for connection in list(self.connections):
@@ -160,28 +171,36 @@ class ChatServer:
                 await trio.sleep(0.01)
         handlers.cancel_scope.cancel()
 
-    async def _watch_state(self) -> None:
-        """Operator commands (`revoke`, `keys rotate`) run in other processes: poll them."""
-        version = self.state.revocation_version()
-        keys_mtime = _mtime(self.keys_dir)
+    async def _watch_revocations(self) -> None:
+        """`chat-server revoke` runs in another process: poll the counter, then re-check
+        every live session once the snapshot moved (PROTOCOL.md §7: within 2 s)."""
+        checked = self.state.revocations.version
         while True:
             await trio.sleep(self.config.revocation_poll)
-            if (mtime := _mtime(self.keys_dir)) != keys_mtime:
-                keys_mtime = mtime
-                self.keys.reload()
-            current = self.state.revocation_version()
-            if current == version:
+            current = (await self.state_lane.run(self.state.load_revocations)).version
+            if current == checked:
                 continue
-            version = current
+            checked = current
             for connection in list(self.connections):
                 connection.check_authorization()
+
+    async def _watch_keys(self) -> None:
+        """`chat-server keys rotate` runs in another process: re-read the keys it changed."""
+        while True:
+            await trio.sleep(self.config.revocation_poll)
+            await self.keys_lane.run(self.keys.refresh)
 
     async def _prune(self) -> None:
         while True:
             now = time.time()
-            self.keys.prune(now, self.config.token_lifetime + self.config.clock_leeway)
-            self.state.prune(now)
+            lifetime = self.config.token_lifetime + self.config.clock_leeway
+            await self.keys_lane.run(self.keys.prune, now, lifetime)
+            await self.state_lane.run(self.state.prune, now)
             await trio.sleep(PRUNE_INTERVAL)
+
+    def _is_revoked(self, claims: Claims) -> bool:
+        """From the revocation snapshot: the event loop never reads the database."""
+        return self.state.revocations.is_revoked(claims)
 
     async def _handle(self, raw: trio.SocketStream) -> None:
         """The one boundary where a bug in handling one connection stops at that connection."""
@@ -209,13 +228,13 @@ class ChatServer:
         if request.path == "/ws" and is_upgrade(request):
             await self._upgrade(stream, http, request, peer)
         else:
-            await _respond(stream, http, self.api.handle(request, peer))
+            await _respond(stream, http, await self.api.handle(request, peer))
 
     async def _upgrade(
         self, stream: trio.SSLStream, http: h11.Connection, request: Request, peer: Peer
     ) -> None:
         try:
-            upgrade = authorize(request, peer, self.authority, self.state.is_revoked, time.time())
+            upgrade = authorize(request, peer, self.authority, self._is_revoked, time.time())
             ws = WSConnection(ConnectionType.SERVER)
             ws.initiate_upgrade_connection(list(request.headers), request.path)
             list(ws.events())
@@ -233,7 +252,7 @@ class ChatServer:
             upgrade.claims,
             self._limits,
             self.authority,
-            self.state.is_revoked,
+            self._is_revoked,
             time.time,
         )
         connection = Connection(

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from chat.history import History, Position, Stored
+from chat.history import History, Position
 from chat.server.durability import Durability
 from chat.stomp import encode_header
+from chat.store.history import Stored
 from chat.topics import TopicTrie
 from chat.wsframes import data_frame
 

@@ -16,8 +16,9 @@ import trio
 from chat import pki
 from chat.server.app import ChatServer
 from chat.server.config import DEFAULT_PORT, ConfigError, ServerConfig
-from chat.state import StateStore
-from chat.tokens import KeyStore, TokenConfigError
+from chat.store.keys import KeyStore
+from chat.store.state import StateStore
+from chat.tokens import TokenConfigError
 
 PROG = "chat-server"
 DEV_CLIENTS = ("alice", "bob")

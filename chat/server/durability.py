@@ -3,10 +3,11 @@
 How this works: `History.append` assigns offsets in memory and queues the record (so does
 `History.position` for the epoch of a topic it mints, so a quiet room's epoch survives). One
 committer task takes everything pending, writes it in a single SQLite transaction on a
-worker thread, and marks it committed; whatever was appended meanwhile forms the next
-batch, so the fsync cost is shared by every message of a batch (PROTOCOL.md §8: a RECEIPT
-for a SEND means the message survives a crash). Receipts wait in a heap keyed by the
-append sequence they need; a session never lets a later receipt overtake an earlier one.
+worker thread (the history's `Lane`), and marks it committed; whatever was appended
+meanwhile forms the next batch, so the fsync cost is shared by every message of a batch
+(PROTOCOL.md §8: a RECEIPT for a SEND means the message survives a crash). Receipts wait in a
+heap keyed by the append sequence they need; a session never lets a later receipt overtake an
+earlier one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from collections.abc import Callable
 
 import trio
 
-from chat.history import Batch, History
+from chat.history import History
+from chat.server.storage import Lane
+from chat.store.history import Batch
 
 log = logging.getLogger("chat.server")
 
@@ -29,8 +32,9 @@ RETRY_DELAY = 1.0  # after a failed commit (disk full, I/O error), try the same 
 class Durability:
     """Drives the history's commits and releases receipts once their sequence is durable."""
 
-    def __init__(self, history: History) -> None:
+    def __init__(self, history: History, lane: Lane) -> None:
         self.history = history
+        self._lane = lane
         self._waiting: list[tuple[int, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._appended = trio.Event()
@@ -58,7 +62,7 @@ class Durability:
     async def _commit(self, batch: Batch) -> None:
         while True:
             try:
-                await trio.to_thread.run_sync(self.history.commit, batch)
+                await self._lane.run(self.history.commit, batch)
             except sqlite3.Error as exc:
                 log.error("history commit failed (%s); receipts wait, retrying", exc)
                 await trio.sleep(RETRY_DELAY)

@@ -1,19 +1,24 @@
-"""Plain HTTP routes on the TLS listener (PROTOCOL.md §1), as pure request → response code.
+"""Plain HTTP routes on the TLS listener (PROTOCOL.md §1): request in, response out.
 
 The listener parses requests with h11 and hands them here with the peer's certificate
-identity; nothing in this module does I/O, so every route is tested with plain values.
+identity; this module does no network I/O. The token routes spend and issue refresh tokens in
+the state database, which blocks (another process may hold its write lock for seconds): they
+await it in the state store's `Lane`, so the event loop and every other connection go on
+meanwhile. JWKS is served from the signing keys in memory.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from chat.errors import HttpRefusal
-from chat.state import StateStore
-from chat.tokens import IdentityRevoked, KeyStore, TokenAuthority
+from chat.server.storage import Lane
+from chat.store.keys import KeyStore
+from chat.store.state import StateStore
+from chat.tokens import TokenAuthority
 
 WS_PATH = "/ws"
 UPGRADE_HINT = (
@@ -84,7 +89,7 @@ def text_response(status: int, body: bytes, headers: tuple[tuple[str, str], ...]
     return Response(status, (("Content-Type", "text/plain; charset=utf-8"), *headers), body)
 
 
-Handler = Callable[[Request, Peer], Response]
+Handler = Callable[[Request, Peer], Awaitable[Response]]
 
 
 class HttpApi:
@@ -95,12 +100,14 @@ class HttpApi:
         authority: TokenAuthority,
         keys: KeyStore,
         state: StateStore,
+        state_lane: Lane,
         refresh_lifetime: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._authority = authority
         self._keys = keys
         self._state = state
+        self._state_lane = state_lane
         self._refresh_lifetime = refresh_lifetime
         self._clock = clock
         self._routes: dict[str, dict[str, Handler]] = {
@@ -111,9 +118,9 @@ class HttpApi:
             "/healthz": {"GET": self._health},
         }
 
-    def handle(self, request: Request, peer: Peer) -> Response:
+    async def handle(self, request: Request, peer: Peer) -> Response:
         try:
-            return self._route(request)(request, peer)
+            return await self._route(request)(request, peer)
         except HttpRefusal as error:
             return refusal_response(error)
 
@@ -127,29 +134,31 @@ class HttpApi:
             raise MethodNotAllowed(f"{request.path} accepts {allowed}, not {request.method}")
         return handler
 
-    def _upgrade_required(self, request: Request, peer: Peer) -> Response:
+    async def _upgrade_required(self, request: Request, peer: Peer) -> Response:
         return text_response(
             426, UPGRADE_HINT, (("Upgrade", "websocket"), ("Connection", "Upgrade"))
         )
 
-    def _health(self, request: Request, peer: Peer) -> Response:
+    async def _health(self, request: Request, peer: Peer) -> Response:
         return text_response(200, b"ok")
 
-    def _jwks(self, request: Request, peer: Peer) -> Response:
+    async def _jwks(self, request: Request, peer: Peer) -> Response:
         return json_response(200, self._keys.jwks(), (("Cache-Control", "max-age=60"),))
 
-    def _token(self, request: Request, peer: Peer) -> Response:
+    async def _token(self, request: Request, peer: Peer) -> Response:
         now = self._clock()
-        if self._state.is_identity_revoked(peer.identity):
-            raise IdentityRevoked(f"identity '{peer.identity}' is revoked on this server")
-        refresh = self._state.issue_refresh(peer.identity, peer.x5t, now, self._refresh_lifetime)
+        # Refuses a revoked identity (identity_revoked) inside the same transaction.
+        refresh = await self._state_lane.run(
+            self._state.issue_refresh, peer.identity, peer.x5t, now, self._refresh_lifetime
+        )
         return self._grant(peer, refresh, now)
 
-    def _refresh(self, request: Request, peer: Peer) -> Response:
+    async def _refresh(self, request: Request, peer: Peer) -> Response:
         now = self._clock()
         presented = _refresh_token_of(request)
-        refresh = self._state.rotate_refresh(
-            presented, peer.identity, peer.x5t, now, self._refresh_lifetime
+        refresh = await self._state_lane.run(
+            self._state.rotate_refresh,
+            presented, peer.identity, peer.x5t, now, self._refresh_lifetime,
         )
         return self._grant(peer, refresh, now)
 

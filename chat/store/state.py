@@ -4,9 +4,13 @@ How this works: one SQLite file in WAL mode, shared by the running server and op
 (`chat-server revoke`) in other processes. Refresh tokens are opaque random strings stored only
 as SHA-256 hashes; each is bound to (sub, x5t), single-use, and belongs to a family started by
 `POST /auth/token`. Presenting a spent token is theft (RFC 9700 §4.14.2): the whole family is
-revoked. Revocations bump a counter, so a live server polls one integer per second and
-re-checks its sessions only when it moves. Writes run in `BEGIN IMMEDIATE` transactions, so two
-processes serialize instead of failing half-way. Pure module: no trio.
+revoked. Revocations bump a counter: `load_revocations()` reads that one integer and reads the
+revoked identities and token ids again only when it moved; what it read is `revocations`, a
+frozen snapshot the server checks every upgrade and every live session against without
+touching the database (a change made through this store shows there at once, one made by
+another process, such as `chat-server revoke`, at the server's next poll). Writes run in
+`BEGIN IMMEDIATE` transactions, so two processes serialize instead of failing half-way.
+Every method but `revocations` is BLOCKING (SQLite). Pure module: no trio.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 from chat.errors import HttpRefusal
-from chat.sqlite import open_private
+from chat.store.sqlite import open_private, transaction
 from chat.tokens import (
     Claims,
     IdentityRevoked,
@@ -64,36 +69,52 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class Revocations:
+    """Every revoked identity and access token as of one value of the revocation counter."""
+
+    version: int
+    subs: frozenset[str] = frozenset()
+    jtis: frozenset[str] = frozenset()
+
+    def is_revoked(self, claims: Claims) -> bool:
+        """Whether this access token, or its whole identity, has been revoked."""
+        return claims.sub in self.subs or claims.jti in self.jtis
+
+    def is_identity_revoked(self, sub: str) -> bool:
+        return sub in self.subs
+
+
+_NOTHING_LOADED = Revocations(-1)  # the counter starts at 0: the first load always reads
+
+
 class StateStore:
-    """Refresh tokens and revocations in one SQLite file, safe to share between processes."""
+    """Refresh tokens and revocations in one SQLite file, safe to share between processes
+    and between threads."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        self._lock = threading.Lock()  # one thread at a time on the connection
+        self._revocations = _NOTHING_LOADED
 
     @classmethod
     def open(cls, path: Path) -> StateStore:
-        """Open (or create) the state file in WAL mode with its schema."""
+        """Open (or create) the state file in WAL mode with its schema; load the revocations."""
         db = open_private(path)
         store = cls(db)
         with store._write():
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (VERSION_KEY,))
+        store.load_revocations()
         return store
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front so the other process waits, not fails."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db, self._lock)
 
     # ------------------------------------------------------------------ refresh tokens
 
@@ -174,6 +195,7 @@ class StateStore:
             db.execute("UPDATE refresh_families SET revoked = ? WHERE sub = ? AND revoked = 0",
                        (FAMILY_REVOKED, sub))
             self._bump_version()
+        self.load_revocations()
 
     def unrevoke_sub(self, sub: str) -> bool:
         """Lift an identity block (revoked refresh families stay revoked); False if none."""
@@ -181,6 +203,7 @@ class StateStore:
             removed = db.execute("DELETE FROM revoked_subs WHERE sub = ?", (sub,)).rowcount > 0
             if removed:
                 self._bump_version()
+        self.load_revocations()
         return removed
 
     def revoke_jti(self, jti: str, exp: float) -> None:
@@ -188,18 +211,42 @@ class StateStore:
         with self._write() as db:
             db.execute("INSERT OR REPLACE INTO revoked_jtis (jti, exp) VALUES (?, ?)", (jti, exp))
             self._bump_version()
+        self.load_revocations()
+
+    @property
+    def revocations(self) -> Revocations:
+        """The revocations as last loaded: read from memory, never from the database."""
+        return self._revocations
+
+    def load_revocations(self) -> Revocations:
+        """Read the revocations again if the counter moved since the last load (another
+        process may have revoked); one indexed read when it did not."""
+        with self._lock:
+            version = self._version()
+            if version != self._revocations.version:
+                # Read after the counter: a change committed in between is in the sets already
+                # and moves the counter again, so the next load reads them once more.
+                subs = self._db.execute("SELECT sub FROM revoked_subs").fetchall()
+                jtis = self._db.execute("SELECT jti FROM revoked_jtis").fetchall()
+                self._revocations = Revocations(
+                    version, frozenset(sub for (sub,) in subs), frozenset(jti for (jti,) in jtis)
+                )
+            return self._revocations
 
     def is_revoked(self, claims: Claims) -> bool:
-        """Whether this access token, or its whole identity, has been revoked."""
-        return self._sub_revoked(claims.sub) or self._db.execute(
-            "SELECT 1 FROM revoked_jtis WHERE jti = ?", (claims.jti,)
-        ).fetchone() is not None
+        """Whether this access token, or its whole identity, is revoked now (reads the file)."""
+        return self.load_revocations().is_revoked(claims)
 
     def is_identity_revoked(self, sub: str) -> bool:
-        return self._sub_revoked(sub)
+        """Whether the identity is blocked now (reads the file)."""
+        return self.load_revocations().is_identity_revoked(sub)
 
     def revocation_version(self) -> int:
         """A counter that moves on every revocation change; one indexed read, cheap to poll."""
+        with self._lock:
+            return self._version()
+
+    def _version(self) -> int:
         (value,) = self._db.execute(
             "SELECT value FROM counters WHERE name = ?", (VERSION_KEY,)
         ).fetchone()
@@ -211,7 +258,12 @@ class StateStore:
             db.execute("DELETE FROM refresh_tokens WHERE expires <= ?", (now,))
             db.execute("DELETE FROM refresh_families WHERE family NOT IN"
                        " (SELECT family FROM refresh_tokens)")
-            db.execute("DELETE FROM revoked_jtis WHERE exp + ? <= ?", (JTI_RETENTION_MARGIN, now))
+            dropped = db.execute(
+                "DELETE FROM revoked_jtis WHERE exp + ? <= ?", (JTI_RETENTION_MARGIN, now)
+            ).rowcount
+            if dropped:  # snapshots forget them too, and stay small
+                self._bump_version()
+        self.load_revocations()
 
     def _sub_revoked(self, sub: str) -> bool:
         return self._db.execute(

@@ -1,0 +1,48 @@
+"""How the running server calls storage: never on the event loop (DESIGN.md "Storage").
+
+How this works: every blocking call into `chat.store` (SQLite, flock, key generation, key
+files) runs in a trio worker thread through a `Lane`; the server has one lane per store (the
+state database, the key directory, the history database). A lane runs its calls one at a
+time, in the order they were asked for (`trio.to_thread.run_sync` with a `CapacityLimiter`
+of one).
+
+Why a lane per store, not one storage thread: the stores block for unrelated reasons (another
+process's transaction on state.db, an operator's flock on keys/, an fsync of history.db), and
+none may wait for another: a token request stuck behind `chat-server revoke` must not hold up
+the group commit that releases RECEIPTs, nor the key reload, nor the revocation poll once its
+turn comes. Why one call at a time: each store has one SQLite connection (or one flock) and
+would serialize its callers anyway; a caller queued in trio holds no thread, so a burst of
+token requests against a locked database cannot use up trio's shared pool of threads.
+
+What the event loop reads instead is in memory: the revocation snapshot
+(`StateStore.revocations`, refreshed by the server's poll), the signing keys (`KeyStore`
+swaps a frozen key set), and the retained messages (`History`). A caller cancelled while its
+call runs waits for the call to finish (at most the busy timeout): a store is never closed,
+nor its lock released, under a running call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar, TypeVarTuple
+
+import trio
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+
+class Lane:
+    """One store's blocking calls, run in worker threads one at a time, in order."""
+
+    def __init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(self, call: Callable[[*Ts], T], *args: *Ts) -> T:
+        """`call(*args)` in a worker thread, once the lane's earlier calls have finished."""
+        return await trio.to_thread.run_sync(call, *args, limiter=self._limiter)
+
+    async def run_shielded(self, call: Callable[[*Ts], T], *args: *Ts) -> T:
+        """Like `run`, even in a cancelled scope: for closing a store on the way out."""
+        with trio.CancelScope(shield=True):
+            return await self.run(call, *args)
