@@ -168,3 +168,31 @@ async def test_a_key_reload_waits_for_the_key_lock_while_tokens_and_traffic_flow
             release()
             with trio.fail_after(WAIT):
                 await reload.finished.wait()
+
+
+async def test_a_failing_state_database_answers_503_and_the_server_goes_on(
+    start_server: StartServer, pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that fails (here: its tables dropped by someone else) is a 503 with its code,
+    never a traceback; the revocation poll logs and keeps polling; traffic is untouched."""
+    server = await start_server(heartbeat=(HEARTBEAT_MS, HEARTBEAT_MS), revocation_poll=0.05)
+    async with (
+        stomp_peer(server, pki, "bob", heartbeat=f"0,{HEARTBEAT_MS}") as bob,
+        stomp_peer(server, pki, "alice") as alice,
+    ):
+        await subscribed(bob)
+        await idle(server, "state_lane")
+        other = sqlite3.connect(server.config.state_dir / "state.db", isolation_level=None)
+        try:
+            other.executescript("DROP TABLE refresh_tokens; DROP TABLE counters;")
+        finally:
+            other.close()
+        reply = await http_request(server, pki.client_context("carol"), "POST", "/auth/token")
+        assert reply.status == 503
+        assert reply.json()["error"] == "storage_unavailable"
+        assert reply.headers.get("retry-after") == "1"
+        for _ in range(2):  # the poll fails on the missing table, and comes back to it
+            poll = Calls(monkeypatch, server.server.state, "load_revocations")
+            with trio.fail_after(WAIT):
+                await poll.entered.wait()
+        await traffic_flows(alice, bob, b"still here")

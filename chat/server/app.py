@@ -35,7 +35,7 @@ from chat.server.connection import Connection, Ending, Outbox
 from chat.server.durability import Durability
 from chat.server.http_api import BadRequest, HttpApi, Peer, Request, Response, refusal_response
 from chat.server.session import SessionLimits, StompSession
-from chat.server.storage import Lane
+from chat.server.storage import Lane, StorageUnavailable
 from chat.server.upgrade import BadHandshake, authorize, is_upgrade
 from chat.stomp import FrameParser, Limits
 from chat.store.history import Retention
@@ -175,9 +175,15 @@ class ChatServer:
         """`chat-server revoke` runs in another process: poll the counter, then re-check
         every live session once the snapshot moved (PROTOCOL.md §7: within 2 s)."""
         checked = self.state.revocations.version
+        outage = _Outage("re-reading revocations")
         while True:
             await trio.sleep(self.config.revocation_poll)
-            current = (await self.state_lane.run(self.state.load_revocations)).version
+            try:
+                current = (await self.state_lane.run(self.state.load_revocations)).version
+            except StorageUnavailable as exc:
+                outage.failed(exc)
+                continue
+            outage.over()
             if current == checked:
                 continue
             checked = current
@@ -186,16 +192,25 @@ class ChatServer:
 
     async def _watch_keys(self) -> None:
         """`chat-server keys rotate` runs in another process: re-read the keys it changed."""
+        outage = _Outage("re-reading signing keys")
         while True:
             await trio.sleep(self.config.revocation_poll)
-            await self.keys_lane.run(self.keys.refresh)
+            try:
+                await self.keys_lane.run(self.keys.refresh)
+            except StorageUnavailable as exc:
+                outage.failed(exc)
+                continue
+            outage.over()
 
     async def _prune(self) -> None:
         while True:
             now = time.time()
             lifetime = self.config.token_lifetime + self.config.clock_leeway
-            await self.keys_lane.run(self.keys.prune, now, lifetime)
-            await self.state_lane.run(self.state.prune, now)
+            try:
+                await self.keys_lane.run(self.keys.prune, now, lifetime)
+                await self.state_lane.run(self.state.prune, now)
+            except StorageUnavailable as exc:
+                log.warning("expired keys and tokens not pruned (%s); next time", exc.detail)
             await trio.sleep(PRUNE_INTERVAL)
 
     def _is_revoked(self, claims: Claims) -> bool:
@@ -311,6 +326,24 @@ async def _read_request(stream: trio.SSLStream, http: h11.Connection) -> Request
             return _request_of(head, bytes(body))
         elif isinstance(event, h11.ConnectionClosed):
             raise trio.BrokenResourceError("client closed before sending a request")
+
+
+class _Outage:
+    """A polling task's storage failures, logged once per outage rather than once per poll."""
+
+    def __init__(self, task: str) -> None:
+        self._task = task
+        self._failing = False
+
+    def failed(self, exc: StorageUnavailable) -> None:
+        if not self._failing:
+            log.warning("%s fails (%s); retrying", self._task, exc.detail)
+        self._failing = True
+
+    def over(self) -> None:
+        if self._failing:
+            log.warning("%s works again", self._task)
+        self._failing = False
 
 
 def _request_of(head: h11.Request, body: bytes) -> Request:

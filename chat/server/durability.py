@@ -15,13 +15,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import sqlite3
 from collections.abc import Callable
 
 import trio
 
 from chat.history import History
-from chat.server.storage import Lane
+from chat.server.storage import Lane, StorageUnavailable
 from chat.store.history import Batch
 
 log = logging.getLogger("chat.server")
@@ -63,8 +62,8 @@ class Durability:
         while True:
             try:
                 await self._lane.run(self.history.commit, batch)
-            except sqlite3.Error as exc:
-                log.error("history commit failed (%s); receipts wait, retrying", exc)
+            except StorageUnavailable as exc:
+                log.error("history commit failed (%s); receipts wait, retrying", exc.detail)
                 await trio.sleep(RETRY_DELAY)
                 continue
             self.history.mark_committed(batch)

@@ -23,13 +23,30 @@ nor its lock released, under a running call.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
-from typing import TypeVar, TypeVarTuple
+from typing import ClassVar, TypeVar, TypeVarTuple
 
 import trio
 
+from chat.errors import HttpRefusal
+
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
+RETRY_AFTER_S = 1  # a store busy past its timeout is usually free again within a second
+
+
+class StorageUnavailable(HttpRefusal):
+    """A store failed or stayed locked past its busy timeout: answered 503, never a traceback.
+
+    The server's own loops (revocation poll, pruning, group commit) log it and try again.
+    """
+
+    status: ClassVar[int] = 503
+    code: ClassVar[str] = "storage_unavailable"
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(RETRY_AFTER_S))]
 
 
 class Lane:
@@ -39,8 +56,17 @@ class Lane:
         self._limiter = trio.CapacityLimiter(1)
 
     async def run(self, call: Callable[[*Ts], T], *args: *Ts) -> T:
-        """`call(*args)` in a worker thread, once the lane's earlier calls have finished."""
-        return await trio.to_thread.run_sync(call, *args, limiter=self._limiter)
+        """`call(*args)` in a worker thread, once the lane's earlier calls have finished.
+
+        Storage failures (SQLite errors, a lock held past the busy timeout, I/O errors) are
+        translated here, once, into `StorageUnavailable`.
+        """
+        try:
+            return await trio.to_thread.run_sync(call, *args, limiter=self._limiter)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageUnavailable(
+                f"the server's storage is busy or failing ({exc}); try again shortly"
+            ) from exc
 
     async def run_shielded(self, call: Callable[[*Ts], T], *args: *Ts) -> T:
         """Like `run`, even in a cancelled scope: for closing a store on the way out."""
