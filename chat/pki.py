@@ -580,7 +580,7 @@ def ensure_dev_pki(
     read only when something must be signed, so a complete directory may keep it encrypted.
     """
     pki = DevPki.at(Path(directory))
-    pairs = [(pki.server_cert, pki.server_key, None)]
+    pairs: list[tuple[Path, Path, str | None]] = [(pki.server_cert, pki.server_key, None)]
     pairs += [(*pki.client(name), name) for name in clients]
     for crt, key, _ in [(pki.ca, pki.ca_key, None), *pairs]:
         _check_pair(crt, key)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeGuard
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -150,7 +150,7 @@ def jwk_thumbprint(key: PublicKey) -> str:
     return base64url_encode(hashlib.sha256(canonical).digest()).decode("ascii")
 
 
-def is_plain_kid(kid: object) -> bool:
+def is_plain_kid(kid: object) -> TypeGuard[str]:
     return isinstance(kid, str) and len(kid) <= MAX_KID_CHARS and bool(_PLAIN_KID.fullmatch(kid))
 
 

@@ -133,8 +133,10 @@ class StateStore:
             row = self._refresh_row(token)
             refusal = self._refusal(row, sub, x5t, now)
             if isinstance(refusal, RefreshReused):
+                assert row is not None  # an unknown token is InvalidRefresh
                 self._revoke_family(row[0])  # committed: the refusal is raised after COMMIT
             elif refusal is None:
+                assert row is not None
                 self._db.execute("UPDATE refresh_tokens SET spent = 1 WHERE hash = ?",
                                  (_digest(token),))
                 return self._insert_refresh(row[0], sub, x5t, now + lifetime)
@@ -144,7 +146,7 @@ class StateStore:
         """(family, sub, x5t, expires, spent, family revoked or sub blocked) of `token`."""
         if not token or len(token) > MAX_REFRESH_CHARS or not token.isascii():
             return None
-        return self._db.execute(
+        row: tuple[str, str, str, float, int, int] | None = self._db.execute(
             "SELECT t.family, t.sub, t.x5t, t.expires, t.spent,"
             " CASE WHEN EXISTS (SELECT 1 FROM revoked_subs r WHERE r.sub = t.sub)"
             f" THEN {FAMILY_REVOKED} ELSE f.revoked END"
@@ -152,6 +154,7 @@ class StateStore:
             " WHERE t.hash = ?",
             (_digest(token),),
         ).fetchone()
+        return row
 
     @staticmethod
     def _refusal(
@@ -247,6 +250,7 @@ class StateStore:
             return self._version()
 
     def _version(self) -> int:
+        value: int
         (value,) = self._db.execute(
             "SELECT value FROM counters WHERE name = ?", (VERSION_KEY,)
         ).fetchone()
