@@ -25,8 +25,8 @@ import trio
 
 from chat import pki
 from chat.client.backoff import Backoff
-from chat.client.connection import Message
-from chat.client.http import ClientError
+from chat.client.errors import ClientError
+from chat.client.messages import Message
 from chat.client.resilient import NotDelivered, Online, Recovered, Resilience, open_session
 
 TOPIC = "/topic/faults"

@@ -20,7 +20,8 @@ from trio_websocket import WebSocketRequest, serve_websocket
 
 from chat.client.auth import TokenFile, TokenSource, connect_authorized
 from chat.client.connection import Message
-from chat.client.http import TokenRefused, refresh_token
+from chat.client.errors import TokenRefused
+from chat.client.http import refresh_token
 from chat.client.resilient import Online, Reconnecting, connect_resilient
 from chat.pki import server_ssl_context
 from tests.conftest import RunningServer, StartServer, TestPki

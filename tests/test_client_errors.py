@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import hashes
 
 from chat import pki as pki_module
 from chat.client.connection import connect
-from chat.client.http import BadResponse, fetch_token
+from chat.client.errors import BadResponse
+from chat.client.http import fetch_token
 from chat.pki import CertificateNotCurrent, check_current, rejection_cause
 from tests.conftest import RunningServer, StartServer, TestPki
 from tests.test_client_cli import CLI, one_error_line, run_cli

@@ -24,20 +24,17 @@ from trio_websocket import (
 
 from chat import pki as pki_module
 from chat.client.auth import open_chat
-from chat.client.connection import (
-    ConnectionLost,
-    Message,
-    StompClient,
-    StompError,
-    connect,
-)
-from chat.client.http import (
+from chat.client.connection import StompClient, connect
+from chat.client.errors import (
     BadResponse,
+    ConnectionLost,
     ServerUnreachable,
+    StompError,
     TlsFailure,
     TokenRefused,
-    fetch_token,
 )
+from chat.client.http import fetch_token
+from chat.client.messages import Message
 from chat.stomp import CLIENT_COMMANDS, Frame, FrameParser, encode
 from tests.conftest import RunningServer, StartServer, StompPeer, TestPki, raw_ws, token_for
 

@@ -24,7 +24,7 @@ from trio_websocket import WebSocketConnection
 from chat.client.auth import TokenSource
 from chat.client.backoff import Backoff
 from chat.client.connection import Message
-from chat.client.http import TokenRefused
+from chat.client.errors import TokenRefused
 from chat.client.resilient import (
     Event,
     NotDelivered,

@@ -23,7 +23,6 @@ from typing import NoReturn
 import trio
 
 from chat.client.auth import default_token_file, open_chat
-from chat.client.connection import ClientError, Message
 from chat.client.display import (
     describe,
     error_line,
@@ -31,7 +30,8 @@ from chat.client.display import (
     room_destination,
     room_of,
 )
-from chat.client.http import TlsFailure, TokenRefused
+from chat.client.errors import ClientError, TlsFailure, TokenRefused
+from chat.client.messages import Message
 from chat.client.resilient import ResilientSession, open_session
 from chat.client.terminal import ChatSession, Console, first_of, history_file, open_console
 from chat.errors import InvalidDestination

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from datetime import date, datetime
 
-from chat.client.connection import Message
+from chat.client.messages import Message
 from chat.client.resilient import Event, Online, Reconnecting, Recovered
 from chat.topics import ANY, ONE, TOPIC_PREFIX, parse_destination
 

@@ -42,25 +42,20 @@ from chat.client.auth import (
     token_store,
 )
 from chat.client.backoff import DEFAULT_BACKOFF, Backoff
-from chat.client.connection import (
-    CLOSE_TIMEOUT,
-    TEXT_PLAIN,
-    Message,
-    Position,
-    ReceiptTimeout,
-    StompClient,
-    StompError,
-    Subscribed,
-    sole_exception,
-)
-from chat.client.http import (
+from chat.client.connection import CLOSE_TIMEOUT, StompClient
+from chat.client.errors import (
     ClientError,
     ConnectionLost,
+    ReceiptTimeout,
     ServerUnreachable,
     SilentRefusal,
-    TokenGrant,
+    StompError,
+    sole_exception,
 )
+from chat.client.http import TokenGrant
+from chat.client.messages import Message, Position, Subscribed
 from chat.pki import client_ssl_context
+from chat.protocol.wire import TEXT_PLAIN
 
 __all__ = [
     "Event",

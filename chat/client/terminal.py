@@ -26,7 +26,6 @@ from typing import Protocol, TextIO
 
 import trio
 
-from chat.client.connection import Message, ReceiptTimeout, StompError
 from chat.client.display import (
     Styled,
     describe,
@@ -42,6 +41,8 @@ from chat.client.display import (
     room_of,
     system_line,
 )
+from chat.client.errors import ReceiptTimeout, StompError
+from chat.client.messages import Message
 from chat.client.resilient import Event, NotDelivered, Online, Reconnecting, Recovered
 from chat.errors import InvalidDestination
 

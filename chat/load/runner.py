@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import trio
 
-from chat.client.http import ClientError
+from chat.client.errors import ClientError
 from chat.load import identities as ids
 from chat.load.progress import INTERVAL, Progress, Sample
 from chat.load.stats import (

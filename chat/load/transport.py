@@ -22,8 +22,8 @@ import trio
 import trio_websocket
 
 from chat.client.backoff import Backoff
-from chat.client.connection import Message
-from chat.client.http import ClientError, ConnectionLost
+from chat.client.errors import ClientError, ConnectionLost
+from chat.client.messages import Message
 from chat.client.resilient import (
     Online,
     Reconnecting,
