@@ -30,7 +30,7 @@ import trio
 TS_DIGITS = 19  # perf_counter_ns() in decimal, zero-padded: fits any uptime below 317 years
 PUB_DIGITS = 4  # publisher index in decimal
 BODY_HEAD = TS_DIGITS + PUB_DIGITS  # the smallest body that can carry both
-MAX_PUBLISHERS = 10**PUB_DIGITS  # the index must fit its digits
+MAX_PUBLISHERS: int = 10**PUB_DIGITS  # the index must fit its digits
 MAX_HOLES = 1_000_000  # offsets skipped at once that Positions remembers; beyond, history is gone
 MAX_LATENCY_SAMPLES = 10_000_000  # 80 MB of int64: beyond this, samples are dropped (counted)
 SATURATED_PERCENT = 90.0  # a harness using this much of one core limits the numbers it reports
@@ -283,12 +283,12 @@ class Latency:
     max_ms: float | None
 
     @classmethod
-    def of(cls, samples_ns: array) -> Latency:
+    def of(cls, samples_ns: array[int]) -> Latency:
         ordered = sorted(samples_ns)
         if not ordered:
             return cls(0, None, None, None, None)
-        pick = [_nearest_rank(ordered, q) / 1e6 for q in (0.50, 0.99, 0.999)]
-        return cls(len(ordered), *pick, ordered[-1] / 1e6)
+        p50, p99, p99_9 = (_nearest_rank(ordered, q) / 1e6 for q in (0.50, 0.99, 0.999))
+        return cls(len(ordered), p50, p99, p99_9, ordered[-1] / 1e6)
 
 
 def _nearest_rank(ordered: list[int], quantile: float) -> int:

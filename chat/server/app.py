@@ -18,6 +18,7 @@ import os
 import ssl
 import time
 from functools import partial
+from typing import TypeAlias
 
 import h11
 import trio
@@ -44,6 +45,8 @@ from chat.store.state import StateStore
 from chat.tokens import Claims, TokenAuthority, TokenPolicy, TrustedIssuer
 
 log = logging.getLogger("chat.server")
+
+TlsStream: TypeAlias = trio.SSLStream[trio.SocketStream]  # what the accept loop hands on
 
 MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a bearer token fits easily
 MAX_REQUEST_BODY = 16 * 1024  # token endpoints take tiny JSON bodies
@@ -246,12 +249,15 @@ class ChatServer:
             await _respond(stream, http, await self.api.handle(request, peer))
 
     async def _upgrade(
-        self, stream: trio.SSLStream, http: h11.Connection, request: Request, peer: Peer
+        self, stream: TlsStream, http: h11.Connection, request: Request, peer: Peer
     ) -> None:
         try:
             upgrade = authorize(request, peer, self.authority, self._is_revoked, time.time())
             ws = WSConnection(ConnectionType.SERVER)
-            ws.initiate_upgrade_connection(list(request.headers), request.path)
+            ws.initiate_upgrade_connection(
+                [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers],
+                request.path,
+            )
             list(ws.events())
         except WsProtocolError as exc:
             await _respond(stream, http, refusal_response(BadHandshake(str(exc))))
@@ -302,20 +308,20 @@ def _open_history(config: ServerConfig) -> History:
     return History.open_sqlite(config.state_dir / "history.db", retention)
 
 
-def _peer_of(stream: trio.SSLStream) -> Peer:
+def _peer_of(stream: TlsStream) -> Peer:
     der = stream.getpeercert(binary_form=True)
     if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than assume
         raise trio.BrokenResourceError("no client certificate")
     return Peer(pki.identity_of(x509.load_der_x509_certificate(der)), pki.thumbprint(der))
 
 
-async def _read_request(stream: trio.SSLStream, http: h11.Connection) -> Request:
+async def _read_request(stream: TlsStream, http: h11.Connection) -> Request:
     head: h11.Request | None = None
     body = bytearray()
     while True:
         event = http.next_event()
         if event is h11.NEED_DATA:
-            http.receive_data(await stream.receive_some(MAX_REQUEST_HEAD))
+            http.receive_data(bytes(await stream.receive_some(MAX_REQUEST_HEAD)))
         elif isinstance(event, h11.Request):
             head = event
         elif isinstance(event, h11.Data):
@@ -358,7 +364,7 @@ def _as_refusal(exc: Exception) -> HttpRefusal:
     return BadRequest(f"malformed HTTP request: {exc}")
 
 
-async def _respond(stream: trio.SSLStream, http: h11.Connection, response: Response) -> None:
+async def _respond(stream: TlsStream, http: h11.Connection, response: Response) -> None:
     headers = [
         *response.headers,
         ("Content-Length", str(len(response.body))),

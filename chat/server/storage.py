@@ -71,4 +71,5 @@ class Lane:
     async def run_shielded(self, call: Callable[[*Ts], T], *args: *Ts) -> T:
         """Like `run`, even in a cancelled scope: for closing a store on the way out."""
         with trio.CancelScope(shield=True):
-            return await self.run(call, *args)
+            result = await self.run(call, *args)
+        return result
