@@ -34,6 +34,7 @@ from chat.client.resilient import (
 )
 from chat.load.identities import Identity
 from chat.load.stats import Positions, SubscriberCount
+from chat.protocol.wire import STOMP_SUBPROTOCOL, bearer_subprotocol
 from chat.stomp import Frame, encode
 
 HEARTBEAT = (0, 0)  # no STOMP heart-beats: a run is short and its traffic proves liveness
@@ -261,7 +262,7 @@ async def stalled_link(
     tokens = identity.tokens
     assert tokens is not None, "STOMP links need tokens"
     grant = await tokens.grant()
-    subprotocols = ["v12.stomp", f"bearer.{grant.access_token}"]
+    subprotocols = [STOMP_SUBPROTOCOL, bearer_subprotocol(grant.access_token)]
     with _raw_errors():
         async with trio_websocket.open_websocket_url(
             ws_url, identity.context, subprotocols=subprotocols,

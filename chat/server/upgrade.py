@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chat.errors import HttpRefusal
+from chat.protocol.wire import BEARER_PREFIX, STOMP_SUBPROTOCOLS
 from chat.server.http_api import Peer, Request
 from chat.tokens import (
     Claims,
@@ -20,9 +21,6 @@ from chat.tokens import (
     TokenRevoked,
     check_binding,
 )
-
-STOMP_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")  # best first
-BEARER_PREFIX = "bearer."
 
 
 class UnsupportedSubprotocol(HttpRefusal):
