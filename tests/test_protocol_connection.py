@@ -481,3 +481,41 @@ def test_bad_heartbeat_header_from_the_peer() -> None:
     client.receive_data(encode(Frame("CONNECTED", (("heart-beat", "soon"),))), 0.0)
     with pytest.raises(MalformedFrame, match="invalid heart-beat 'soon'"):
         client.next_event()
+
+
+def test_the_frame_that_broke_the_protocol_is_named() -> None:
+    """Its receipt goes into the ERROR that reports it; unparseable bytes name no frame."""
+    server = connected_server()
+    bad = Frame("SUBSCRIBE", (("destination", "/topic/a"), ("receipt", "r-7")))
+    server.receive_data(encode(bad), 0.0)
+    with pytest.raises(MissingHeader):
+        server.next_event()
+    assert server.failed_frame == bad
+    server = connected_server()
+    server.receive_data(b"BOGUS\n\n\0", 0.0)
+    with pytest.raises(UnknownCommand):
+        server.next_event()
+    assert server.failed_frame is None
+
+
+def test_ack_mode_as_sent() -> None:
+    server = connected_server()
+    server.receive_data(encode(Frame("SUBSCRIBE", (("destination", "/a"), ("id", "1")))), 0.0)
+    server.receive_data(encode(Frame("SUBSCRIBE", (("destination", "/a"), ("id", "2"),
+                                                   ("ack", "")))), 0.0)
+    assert [event.ack for event in drain(server)] == ["auto", ""]  # type: ignore[attr-defined]
+
+
+def test_queued_frames_count_once_written() -> None:
+    """A server queues its frames: `send()` without `now`, then `data_sent()` when written."""
+    server = StompConnection(Role.SERVER)
+    server.receive_data(encode(CONNECT), 0.0)
+    drain(server)
+    server.send(CONNECTED)  # ours 3000,500 against 1000,2000: send every 3 s, expect every 1 s
+    assert server.heartbeat == (3000, 1000)
+    assert server.next_heartbeat() is None  # nothing written yet: the CONNECTED is due first
+    server.data_sent(2.0)
+    assert server.next_heartbeat() == 5.0
+    assert server.silence_deadline() == 2.0
+    server.data_received(4.0)  # a WebSocket ping: the peer is alive
+    assert server.silence_deadline() == 6.0

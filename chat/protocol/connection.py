@@ -158,6 +158,7 @@ class StompConnection:
         self._parser = FrameParser(limits.frames, commands=_COMMANDS[self._peer_role])
         self._state = IDLE
         self._error: Exception | None = None
+        self._failed_frame: Frame | None = None
         self._frames: deque[Frame] = deque()
         self._parse_error: StompProtocolError | None = None
         self._receipts: dict[str, str] = {}  # receipt id we asked for -> its frame's command
@@ -171,7 +172,7 @@ class StompConnection:
             "STOMP": self._read_connect,
             "SEND": lambda f: events.Send(f, f.require("destination")),
             "SUBSCRIBE": lambda f: events.Subscribe(
-                f, f.require("destination"), f.require("id"), f.get("ack") or "auto"
+                f, f.require("destination"), f.require("id"), _ack_mode(f)
             ),
             "UNSUBSCRIBE": lambda f: events.Unsubscribe(f, f.require("id")),
             "DISCONNECT": self._read_disconnect,
@@ -193,6 +194,12 @@ class StompConnection:
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def failed_frame(self) -> Frame | None:
+        """The frame that broke the protocol, if a frame did (not unparseable bytes): the
+        ERROR that reports it names its receipt (STOMP 1.2 "ERROR")."""
+        return self._failed_frame
 
     @property
     def pending_receipts(self) -> dict[str, str]:
@@ -231,16 +238,18 @@ class StompConnection:
             _check_headers(frame)
             event = self._readers[frame.command](frame)
         except (StompProtocolError, LocalProtocolError) as exc:
+            self._failed_frame = frame
             raise self._fail(exc) from None
         self._state = following
         return event
 
     # ------------------------------------------------------------ events out, bytes out
 
-    def send(self, frame: Frame | events.Event, now: float) -> bytes:
+    def send(self, frame: Frame | events.Event, now: float | None = None) -> bytes:
         """The wire bytes of `frame` (an event sends its frame), if our role may send it now.
 
-        Raises `LocalProtocolError` when it may not (and the connection is then unusable).
+        `now`: when they leave, if at once; None when they are queued and `data_sent()`
+        will say. Raises `LocalProtocolError` when it may not (the connection is then unusable).
         """
         frame = frame.frame if isinstance(frame, events.Event) else frame
         following = self._transition(self._ours, frame)
@@ -256,7 +265,8 @@ class StompConnection:
         except LocalProtocolError as exc:
             raise self._fail(exc) from None
         self._state = following
-        self._last_sent = now
+        if now is not None:
+            self._last_sent = now
         return encode(frame)
 
     def send_heartbeat(self, now: float) -> bytes:
@@ -268,8 +278,12 @@ class StompConnection:
         return HEARTBEAT
 
     def data_sent(self, now: float) -> None:
-        """Record bytes that went out without `send()` (a server's pre-encoded fan-out)."""
+        """Record that bytes went out: queued frames, a server's pre-encoded fan-out."""
         self._last_sent = now
+
+    def data_received(self, now: float) -> None:
+        """Record that the peer was heard outside STOMP (a WebSocket ping, say)."""
+        self._last_received = now
 
     # ------------------------------------------------------------ heart-beats
 
@@ -379,6 +393,11 @@ class StompConnection:
         failed = self._receipts.pop(receipt_id, None) if receipt_id is not None else None
         detail = frame.body.decode("utf-8", "replace")
         return events.Error(frame, frame.get("message") or "error", detail, receipt_id, failed)
+
+
+def _ack_mode(frame: Frame) -> str:
+    ack = frame.get("ack")
+    return "auto" if ack is None else ack  # STOMP 1.2 "SUBSCRIBE": auto by default
 
 
 def _check_headers(frame: Frame) -> None:
