@@ -113,6 +113,10 @@ class FrameParser:
         self._body_offset = 0  # from the frame's first byte
         self._length: int | None = None  # content-length, if given
 
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
     def feed(self, data: bytes) -> list[Frame]:
         """Buffer `data` and return every frame it completes, in order (heart-beats skipped)."""
         if self._error is not None:

@@ -1,13 +1,17 @@
-"""One accepted WebSocket connection: the trio shell around a `StompSession`.
+"""One accepted WebSocket connection: the trio shell around a `StompConnection` and its
+`StompSession`.
 
 How this works: the connection's nursery runs three tasks. The reader feeds wsproto and
-the STOMP parser and calls the session (which never awaits), so pings and closes are
-always answered. The writer drains the `Outbox`, coalescing whatever is pending into
-one `send_all`, and after each one lets the session page in more of any replay (so a
-replay of any size fits the bounded outbox, PROTOCOL.md §11). The guard wakes on a
-timer (heart-beats, token expiry, connect deadline) or when the outbox overflows.
-Whatever ends the connection records an `Ending` and cancels the nursery; `run` then
-performs the close handshake once, under a timeout, so every wait on the peer is bounded.
+the StompConnection (server role: the protocol, chat.protocol), hands each event to the
+session (the policy, which never awaits) and sends its answers back through the
+StompConnection, so pings and closes are always answered. Fan-out bytes come pre-encoded
+from the broker straight into the outbox. The writer drains the `Outbox`, coalescing
+whatever is pending into one `send_all`, and after each one lets the session page in more
+of any replay (so a replay of any size fits the bounded outbox, PROTOCOL.md §11). The
+guard wakes on a timer (heart-beats, token expiry, connect deadline) or when the outbox
+overflows. Whatever ends the connection records an `Ending` and cancels the nursery; `run`
+then performs the close handshake once, under a timeout, so every wait on the peer is
+bounded.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from wsproto import ConnectionState, WSConnection
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from chat.errors import CloseCode, PolicyViolation, StompProtocolError
+from chat.protocol import events
+from chat.protocol.connection import ConnectionLimits, Role, State, StompConnection
 from chat.server.session import StompSession
-from chat.stomp import HEARTBEAT, Frame, FrameParser, encode
+from chat.stomp import HEARTBEAT, Frame, FrameParser
 from chat.wsframes import data_frame
 
 log = logging.getLogger("chat.server")
@@ -115,11 +121,10 @@ class Connection:
         self._stream = stream
         self._ws = ws
         self._outbox = outbox
-        self._parser = parser
+        # the parser carries the configured frame limits; the protocol parses with its own
+        self._protocol = StompConnection(Role.SERVER, limits=ConnectionLimits(parser.limits))
         self._connect_deadline = trio.current_time() + connect_timeout
         self._close_timeout = close_timeout
-        self._last_received = trio.current_time()
-        self._last_sent = trio.current_time()
         self._ending: Ending | None = None
         self._connected = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -163,7 +168,7 @@ class Connection:
         data = initial
         while True:
             if data:
-                self._last_received = trio.current_time()
+                self._protocol.data_received(trio.current_time())  # pings count as life too
                 self._ws.receive_data(data)
                 if self._handle_events():
                     return
@@ -194,18 +199,37 @@ class Connection:
         return False
 
     def _feed(self, data: bytes) -> bool:
-        frame: Frame | None = None
-        try:
-            for frame in self._parser.feed(data):
-                if self.session.handle(frame):
-                    self.end(Ending(CloseCode.NORMAL, "client disconnected"))
-                    return True
-                if self.session.connected:
-                    self._connected.set()
-        except StompProtocolError as error:
-            self.fail(error, frame.get("receipt") if frame is not None else None)
-            return True
-        return False
+        """Act on every frame `data` completes; True once the connection is ending."""
+        self._protocol.receive_data(data, trio.current_time())
+        while True:
+            try:
+                event = self._protocol.next_event()
+            except StompProtocolError as error:
+                failed = self._protocol.failed_frame
+                self.fail(error, failed.get("receipt") if failed is not None else None)
+                return True
+            if event is None:
+                return False
+            try:
+                disconnect = self._act(event)
+            except StompProtocolError as error:
+                self.fail(error, event.receipt)
+                return True
+            if disconnect:
+                self.end(Ending(CloseCode.NORMAL, "client disconnected"))
+                return True
+            if self._protocol.state is State.CONNECTED:
+                self._connected.set()
+
+    def _act(self, event: events.Event) -> bool:
+        """The session's answer to `event`, sent through the protocol; True: disconnect."""
+        acted = self.session.handle(event)
+        if acted.reply is not None:
+            self._outbox.push(data_frame(self._protocol.send(acted.reply)))
+        if event.receipt is not None:
+            receipt = Frame("RECEIPT", (("receipt-id", event.receipt), *acted.receipt_headers))
+            self.session.receipt(data_frame(self._protocol.send(receipt)), acted.durable_seq)
+        return acted.disconnect
 
     async def _writer(self) -> None:
         while data := await self._outbox.take():
@@ -214,7 +238,7 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.end(Ending(CloseCode.PROTOCOL_ERROR, "peer vanished"))
                 return
-            self._last_sent = trio.current_time()
+            self._protocol.data_sent(trio.current_time())
             self._refill()
 
     def _refill(self) -> None:
@@ -242,23 +266,23 @@ class Connection:
                 return
 
     def _tick(self) -> float:
-        send_ms, expect_ms = self.session.heartbeat
-        intervals = [ms / 2000 for ms in (send_ms, expect_ms) if ms]
+        intervals = [ms / 2000 for ms in self._protocol.heartbeat if ms]
         return min([GUARD_TICK, *intervals])
 
     def _check(self, now: float) -> None:
-        send_ms, expect_ms = self.session.heartbeat
-        if expect_ms and now - self._last_received > 2 * expect_ms / 1000:
+        if self._protocol.peer_silent(now):
+            expect_ms = self._protocol.heartbeat[1]
             raise HeartbeatTimeout("heart-beat timeout", f"nothing received for {2 * expect_ms} ms")
-        if send_ms and now - self._last_sent >= send_ms / 1000:
-            self._outbox.push(_HEARTBEAT_FRAME)
+        due = self._protocol.next_heartbeat()
+        if due is not None and now >= due:
+            self._outbox.push(_HEARTBEAT_FRAME)  # written by the writer, which records it
         self.session.check_authorization()
 
     async def _close(self, ending: Ending) -> None:
         """Flush what is pending, send ERROR and the close frame, await the peer's close."""
         data = bytearray()
         if ending.error is not None:
-            data += data_frame(encode(_error_frame(ending)))
+            data += data_frame(self._protocol.send(_error_frame(ending)))
         if self._ws.state is ConnectionState.OPEN:
             data += self._ws.send(CloseConnection(ending.code, ending.reason))
         elif ending.peer_close is not None and self._ws.state is ConnectionState.REMOTE_CLOSING:

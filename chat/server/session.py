@@ -1,8 +1,13 @@
-"""One STOMP 1.2 session, as plain code: frames in, bytes pushed to an outbox, broker calls.
+"""The policy of one STOMP 1.2 session, as plain code: the client's frames as typed events in,
+answers out, bytes pushed to an outbox, broker calls.
 
-It never awaits, so a connection's reader can never be blocked by application work
-(pings and closes are always answered). The connection layer (`connection.py`) owns
-the I/O and turns the `StompProtocolError`s raised here into `ERROR` + close.
+The protocol itself (states, required headers, version and heart-beat negotiation) is the
+connection's `StompConnection` (chat.protocol); what is left here is what this server
+decides: authorization, limits, routing, history. It never awaits, so a connection's reader
+can never be blocked by application work (pings and closes are always answered). The
+connection layer (`connection.py`) owns the I/O and the StompConnection, sends the answers
+`handle()` returns through it, and turns the `StompProtocolError`s raised here into
+`ERROR` + close.
 
 Replays (`since-offset`, `last`) are paged (PROTOCOL.md §11): a subscription that has history
 to catch up on is a `_Replay` cursor, not yet in the broker. The connection's writer calls
@@ -18,10 +23,12 @@ import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from chat.errors import HttpRefusal, InvalidDestination, MalformedFrame, PolicyViolation
 from chat.history import HistoryGap
+from chat.protocol import events
+from chat.protocol.wire import TEXT_PLAIN, TOKEN_DESTINATION
 from chat.server.broker import (
     SERVER_HEADERS,
     Broker,
@@ -31,14 +38,11 @@ from chat.server.broker import (
     message_frame,
     message_tail,
 )
-from chat.stomp import Frame, encode, negotiate_heartbeat, parse_heartbeat
+from chat.stomp import Frame
 from chat.tokens import Claims, TokenAuthority, check_binding
 from chat.topics import ANY, ONE, parse_destination
-from chat.wsframes import data_frame
 
 SERVER_NAME = "chat/0.1"
-SUPPORTED_VERSIONS = ("1.2", "1.1", "1.0")  # best first
-TOKEN_DESTINATION = "/session/token"  # in-band renewal (PROTOCOL.md §7)
 # One refill of a replay: big enough to amortize a send_all, small next to a default outbox.
 REPLAY_CHUNK_BYTES = 256 * 1024
 # A refill tops the outbox up to at most this fraction of its limit: live traffic keeps room.
@@ -49,10 +53,6 @@ MAX_COUNT_DIGITS = 18
 QUOTED_VALUE_CHARS = 40  # an ERROR quotes at most this much of a bad header value
 HISTORY_HEADERS = ("since-offset", "last")  # SUBSCRIBE headers asking for a replay (§8, §11)
 _session_ids = itertools.count(1)
-
-
-class NotConnected(PolicyViolation):
-    """STOMP 1.2 "Connecting": the first frame must be CONNECT or STOMP."""
 
 
 class Unsupported(PolicyViolation):
@@ -90,11 +90,13 @@ class _Replay:
 
 @dataclass(frozen=True, slots=True)
 class Acted:
-    """What handling a frame means for its RECEIPT: extra headers, and the append it waits for."""
+    """The answer to a frame: a reply (CONNECTED), its RECEIPT's extra headers and the append
+    the RECEIPT waits for, and whether the client is leaving."""
 
     receipt_headers: tuple[tuple[str, str], ...] = ()
     durable_seq: int = 0
     disconnect: bool = False
+    reply: Frame | None = None
 
 
 ACTED = Acted()
@@ -120,11 +122,11 @@ def _content_type(frame: Frame) -> str:
         frame.body.decode("utf-8")
     except UnicodeDecodeError:
         return "application/octet-stream"
-    return "text/plain;charset=utf-8"
+    return TEXT_PLAIN
 
 
 class StompSession:
-    """The state of one authenticated STOMP connection."""
+    """The policy state of one authenticated STOMP connection."""
 
     def __init__(
         self,
@@ -139,8 +141,6 @@ class StompSession:
         self.outbox = outbox
         self.claims = claims
         self.id = f"s{next(_session_ids)}"
-        self.connected = False
-        self.heartbeat = (0, 0)  # negotiated (send ms, expect ms)
         self._broker = broker
         self._limits = limits
         self._authority = authority
@@ -151,44 +151,32 @@ class StompSession:
         self._receipt_floor = (
             0  # receipts leave in order: none before an earlier one's data is durable
         )
-        self._handlers: dict[str, Callable[[Frame], Acted]] = {
-            "CONNECT": self._connect,
-            "STOMP": self._connect,
-            "SEND": self._send,
-            "SUBSCRIBE": self._subscribe,
-            "UNSUBSCRIBE": self._unsubscribe,
-            "DISCONNECT": self._disconnect,
-            "ACK": self._client_ack,
-            "NACK": self._client_ack,
-            "BEGIN": self._transaction,
-            "COMMIT": self._transaction,
-            "ABORT": self._transaction,
+        self._handlers: dict[type[events.Event], Callable[[Any], Acted]] = {
+            events.Connect: self._connect,
+            events.Send: self._send,
+            events.Subscribe: self._subscribe,
+            events.Unsubscribe: self._unsubscribe,
+            events.Disconnect: self._disconnect,
+            events.Ack: self._client_ack,
+            events.Nack: self._client_ack,
+            events.Begin: self._transaction,
+            events.Commit: self._transaction,
+            events.Abort: self._transaction,
         }
 
     @property
     def identity(self) -> str:
         return self.claims.sub
 
-    def handle(self, frame: Frame) -> bool:
-        """Act on one frame; True when the client asked to disconnect."""
-        if not self.connected and frame.command not in ("CONNECT", "STOMP"):
-            raise NotConnected("not connected", f"expected CONNECT, got {frame.command}")
-        acted = self._handlers[frame.command](frame)
-        receipt = frame.get("receipt")
-        if receipt is not None:
-            self._receipt(
-                Frame("RECEIPT", (("receipt-id", receipt), *acted.receipt_headers)),
-                acted.durable_seq,
-            )
-        return acted.disconnect
+    def handle(self, event: events.Event) -> Acted:
+        """Act on one of the client's frames, as the protocol let it through; the answer."""
+        return self._handlers[type(event)](event)
 
-    def _receipt(self, frame: Frame, durable_seq: int) -> None:
+    def receipt(self, data: bytes, durable_seq: int) -> None:
+        """Push a RECEIPT (`data`, ready to write) once `durable_seq` is durable: receipts
+        leave in order, none before an earlier one's data is durable (PROTOCOL.md §8)."""
         self._receipt_floor = max(self._receipt_floor, durable_seq)
-        data = data_frame(encode(frame))
         self._broker.durability.after(self._receipt_floor, lambda: self.outbox.push(data))
-
-    def push(self, frame: Frame) -> None:
-        self.outbox.push(data_frame(encode(frame)))
 
     def close(self) -> None:
         """Drop every subscription and replay; the connection is going away."""
@@ -248,31 +236,18 @@ class StompSession:
         if self._is_revoked(self.claims):
             raise AuthorizationLost("token revoked", "the access token or identity was revoked")
 
-    def _connect(self, frame: Frame) -> Acted:
-        if self.connected:
-            raise MalformedFrame("already connected", "CONNECT may only be sent once")
-        version = _negotiate_version(frame.get("accept-version"))
-        self.heartbeat = negotiate_heartbeat(
-            self._limits.heartbeat, parse_heartbeat(frame.get("heart-beat"))
-        )
-        self.connected = True
+    def _connect(self, event: events.Connect) -> Acted:
         offer = self._limits.heartbeat
-        self.push(
-            Frame(
-                "CONNECTED",
-                (
-                    ("version", version),
-                    ("heart-beat", f"{offer[0]},{offer[1]}"),
-                    ("session", self.id),
-                    ("server", SERVER_NAME),
-                    ("user-name", self.identity),
-                ),
-            )
-        )
-        return ACTED
+        return Acted(reply=Frame("CONNECTED", (
+            ("version", event.version),
+            ("heart-beat", f"{offer[0]},{offer[1]}"),
+            ("session", self.id),
+            ("server", SERVER_NAME),
+            ("user-name", self.identity),
+        )))
 
-    def _send(self, frame: Frame) -> Acted:
-        destination = frame.require("destination")
+    def _send(self, event: events.Send) -> Acted:
+        frame, destination = event.frame, event.destination
         if destination == TOKEN_DESTINATION:
             self._renew(frame.body)
             return ACTED
@@ -301,10 +276,9 @@ class StompSession:
             raise AuthorizationLost("token renewal refused", "token_revoked: the token is revoked")
         self.claims = claims
 
-    def _subscribe(self, frame: Frame) -> Acted:
-        destination = frame.require("destination")
-        sub_id = frame.require("id")
-        self._check_new_subscription(frame, sub_id)
+    def _subscribe(self, event: events.Subscribe) -> Acted:
+        frame, destination, sub_id = event.frame, event.destination, event.id
+        self._check_new_subscription(event)
         pattern = parse_destination(destination, wildcards=True)
         exact = ANY not in pattern and ONE not in pattern
         asked = _history_request(frame, destination, exact)
@@ -315,7 +289,8 @@ class StompSession:
             return ACTED
         return self._subscribe_exact(frame, destination, pattern, subscription, asked)
 
-    def _check_new_subscription(self, frame: Frame, sub_id: str) -> None:
+    def _check_new_subscription(self, event: events.Subscribe) -> None:
+        sub_id = event.id
         if sub_id in self._subscriptions:
             raise PolicyViolation("duplicate subscription id", f"id '{sub_id}' is already in use")
         if len(self._subscriptions) >= self._limits.max_subscriptions:
@@ -323,9 +298,10 @@ class StompSession:
                 "too many subscriptions",
                 f"at most {self._limits.max_subscriptions} subscriptions per connection",
             )
-        ack = frame.get("ack", "auto")
-        if ack != "auto":
-            raise Unsupported("unsupported ack mode", f"only ack:auto is supported, not {ack}")
+        if event.ack != "auto":
+            raise Unsupported(
+                "unsupported ack mode", f"only ack:auto is supported, not {event.ack}"
+            )
 
     def _subscribe_exact(
         self,
@@ -364,8 +340,8 @@ class StompSession:
         resume = history.resume(destination, count, frame.get("epoch"), self._now_ms())
         return resume.after, (("recovered", "true" if resume.recovered else "false"),)
 
-    def _unsubscribe(self, frame: Frame) -> Acted:
-        sub_id = frame.require("id")
+    def _unsubscribe(self, event: events.Unsubscribe) -> Acted:
+        sub_id = event.id
         entry = self._subscriptions.pop(sub_id, None)
         if entry is None:
             raise PolicyViolation("unknown subscription", f"no subscription with id '{sub_id}'")
@@ -373,14 +349,16 @@ class StompSession:
             self._broker.unsubscribe(*entry)
         return ACTED
 
-    def _disconnect(self, frame: Frame) -> Acted:
+    def _disconnect(self, event: events.Disconnect) -> Acted:
         return Acted(disconnect=True)
 
-    def _client_ack(self, frame: Frame) -> Acted:
-        raise Unsupported(f"{frame.command} not supported", "subscriptions are ack:auto only")
+    def _client_ack(self, event: events.Ack | events.Nack) -> Acted:
+        command = event.frame.command
+        raise Unsupported(f"{command} not supported", "subscriptions are ack:auto only")
 
-    def _transaction(self, frame: Frame) -> Acted:
-        raise Unsupported(f"{frame.command} not supported", "transactions are not supported")
+    def _transaction(self, event: events.Begin | events.Commit | events.Abort) -> Acted:
+        command = event.frame.command
+        raise Unsupported(f"{command} not supported", "transactions are not supported")
 
 
 def _history_request(frame: Frame, destination: str, exact: bool) -> tuple[str, int] | None:
@@ -411,15 +389,4 @@ def _count(name: str, value: str) -> int:
     raise MalformedFrame(
         f"invalid {name}",
         f"{name} must be 0 or more, in at most {MAX_COUNT_DIGITS} ASCII digits: {quoted!r}",
-    )
-
-
-def _negotiate_version(accept_version: str | None) -> str:
-    offered = {v.strip() for v in (accept_version or "1.0").split(",")}
-    for version in SUPPORTED_VERSIONS:
-        if version in offered:
-            return version
-    raise PolicyViolation(
-        "unsupported STOMP version",
-        f"supported versions are {','.join(SUPPORTED_VERSIONS)}; offered {accept_version}",
     )
