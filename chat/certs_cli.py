@@ -1,29 +1,29 @@
 """`chat-certs`: make the CA, server and client certificates for mutual TLS.
 
-Every error is one line on stderr starting with "chat-certs: " and exit status 2.
+Every error is one line on stderr starting with "chat-certs: " and exit status 2
+(chat/cli_common.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from chat import pki
+from chat.cli_common import EXIT_OK, Parser, add_passphrase_option, run_main
 from chat.pki import DevPki, KeyPassphraseRequired, PkiError
 
 PROG = "chat-certs"
-EXIT_ERROR = 2  # one exit status for every refusal, as argparse uses for usage errors
 DEFAULT_DIR = Path("certs")
 CA_DAYS = 3650  # a development CA outlives the certificates it signs
 SERVER_DAYS = 825  # the longest leaf validity browsers and Apple platforms still accept
 CLIENT_DAYS = 365
+CA_PASSPHRASE_FLAG = "--ca-passphrase-env"
 
 DESCRIPTION = """\
 Make the certificates for chat's mutual TLS (ECDSA P-256, PEM files).
@@ -67,33 +67,21 @@ Print a certificate's subject CN, issuer, serial, expiry, SANs and x5t#S256 thum
 """
 
 
-class UsageError(Exception):
-    """Bad command line: reported on one line like every other error."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (not usage + message) and never exits."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one subcommand; returns the exit status (0, or 2 after one line on stderr)."""
-    parser = _build_parser()
-    try:
-        args = parser.parse_args(argv)
-        command: Callable[[argparse.Namespace], None] = args.command
-        command(args)
-    except (PkiError, UsageError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+    """Run one subcommand; returns the exit status (0, 2 after one line on stderr, 130)."""
+    return run_main(PROG, partial(_main, argv), (PkiError,))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = _build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], None] = args.command
+    command(args)
+    return EXIT_OK
 
 
 def _build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog=PROG, description=DESCRIPTION, formatter_class=raw)
+    parser = Parser(prog=PROG, description=DESCRIPTION, formatter_class=raw)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     init = commands.add_parser(
         "init",
@@ -163,18 +151,14 @@ def _dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _passphrase_option(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--passphrase-env",
-        metavar="VAR",
-        help=f"{what} with the passphrase in environment variable VAR",
-    )
+    add_passphrase_option(parser, f"{what} with the passphrase in environment variable VAR")
 
 
 def _ca_passphrase_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ca-passphrase-env",
-        metavar="VAR",
-        help="ca.key is encrypted: its passphrase is in environment variable VAR",
+    add_passphrase_option(
+        parser,
+        "ca.key is encrypted: its passphrase is in environment variable VAR",
+        flag=CA_PASSPHRASE_FLAG,
     )
 
 
@@ -187,7 +171,7 @@ def _force_option(parser: argparse.ArgumentParser) -> None:
 
 def _init(args: argparse.Namespace) -> None:
     layout = DevPki.at(args.directory)
-    passphrase = _passphrase(args.passphrase_env, "--passphrase-env")
+    passphrase: bytes | None = args.passphrase
     targets = [layout.ca, layout.ca_key, layout.server_cert, layout.server_key, layout.crl]
     ca_key, ca_cert = pki.make_ca(days=CA_DAYS)
     server_key, server_cert = pki.make_server_cert(ca_key, ca_cert, args.san, args.days)
@@ -206,8 +190,8 @@ def _init(args: argparse.Namespace) -> None:
 def _client(args: argparse.Namespace) -> None:
     layout = DevPki.at(args.directory)
     crt, key = layout.client(args.name)
-    passphrase = _passphrase(args.passphrase_env, "--passphrase-env")
-    ca_key, ca_cert = _load_ca(layout, args.ca_passphrase_env)
+    passphrase: bytes | None = args.passphrase
+    ca_key, ca_cert = _load_ca(layout, args.ca_passphrase)
     client_key, client_cert = pki.make_client_cert(ca_key, ca_cert, args.name, args.days)
     _clear([crt, key], args.force)
     pki.write_private_key(key, client_key, passphrase)
@@ -219,11 +203,10 @@ def _client(args: argparse.Namespace) -> None:
 
 def _revoke(args: argparse.Namespace) -> None:
     layout = DevPki.at(args.directory)
-    passphrase = _passphrase(args.ca_passphrase_env, "--ca-passphrase-env")
     try:
-        serial = pki.revoke(layout.directory, args.name, passphrase)
+        serial = pki.revoke(layout.directory, args.name, args.ca_passphrase)
     except KeyPassphraseRequired as exc:
-        raise KeyPassphraseRequired(exc.path, "--ca-passphrase-env") from None
+        raise KeyPassphraseRequired(exc.path, CA_PASSPHRASE_FLAG) from None
     print(f"revoked {args.name} (serial {serial:#x}) in {layout.crl}")
     print("next: nothing; chat-server re-reads crl.pem when it changes, so new handshakes fail")
 
@@ -243,24 +226,13 @@ def _show(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def _passphrase(var: str | None, option: str) -> bytes | None:
-    """The passphrase from environment variable `var`; missing or empty is an error."""
-    if var is None:
-        return None
-    value = os.environ.get(var)
-    if value is None:
-        raise UsageError(f"{option} {var}: environment variable {var} is not set")
-    if not value:
-        raise UsageError(f"{option} {var}: environment variable {var} is empty")
-    return value.encode()
-
-
-def _load_ca(layout: DevPki, var: str | None) -> tuple[pki.SigningKey, x509.Certificate]:
-    passphrase = _passphrase(var, "--ca-passphrase-env")
+def _load_ca(
+    layout: DevPki, passphrase: bytes | None
+) -> tuple[pki.SigningKey, x509.Certificate]:
     try:
         return pki.load_ca(layout, passphrase)
     except KeyPassphraseRequired as exc:
-        raise KeyPassphraseRequired(exc.path, "--ca-passphrase-env") from None
+        raise KeyPassphraseRequired(exc.path, CA_PASSPHRASE_FLAG) from None
 
 
 def _clear(targets: Sequence[Path], force: bool) -> None:

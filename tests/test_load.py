@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from chat import pki as pki_module
+from chat.cli_common import EXIT_ERROR
 from chat.client.connection import MIN_RENEW_DELAY, RENEW_AT, TOKEN_CLOCK_GRAIN
 from chat.client.http import TokenGrant
 from chat.load import cli
@@ -276,13 +277,13 @@ def _read_all(fd: int) -> str:
 def test_bad_options_exit_2_with_one_line(
     argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(argv) == cli.EXIT_USAGE
+    assert cli.main(argv) == EXIT_ERROR
     err = capsys.readouterr().err
     assert err.startswith("chat-load: ") and fragment in err and err.count("\n") == 1
 
 
 def test_no_certificates_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["--certs", str(tmp_path)]) == cli.EXIT_USAGE
+    assert cli.main(["--certs", str(tmp_path)]) == EXIT_ERROR
     err = capsys.readouterr().err
     assert "no client certificates" in err and err.count("\n") == 1
 
@@ -291,7 +292,7 @@ def test_unknown_identities_exit_2_naming_them(
     pki: TestPki, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--certs", str(pki.dir), "--identities", "alice,zed,ca,ghost", "--url", NOWHERE]
-    assert cli.main(argv) == cli.EXIT_USAGE
+    assert cli.main(argv) == EXIT_ERROR
     err = capsys.readouterr().err
     assert err.startswith("chat-load: --identities: no zed, ca, ghost in ") and "alice" not in err
     assert err.count("\n") == 1
@@ -301,7 +302,7 @@ def test_unusable_certificates_are_skipped_with_one_warning_each(
     messy_certs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # nobody listens at NOWHERE: the run ends at its first token request, after the warnings
-    assert cli.main(["--certs", str(messy_certs), "--url", NOWHERE]) == cli.EXIT_USAGE
+    assert cli.main(["--certs", str(messy_certs), "--url", NOWHERE]) == EXIT_ERROR
     lines = capsys.readouterr().err.splitlines()
     warnings = [line for line in lines if line.startswith("chat-load: warning: skipping ")]
     assert len(warnings) == 4 and len(lines) == 5, lines
@@ -317,7 +318,7 @@ def test_a_named_identity_that_cannot_work_is_an_error(
     messy_certs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--certs", str(messy_certs), "--identities", "alice,old", "--url", NOWHERE]
-    assert cli.main(argv) == cli.EXIT_USAGE
+    assert cli.main(argv) == EXIT_ERROR
     err = capsys.readouterr().err
     assert err.startswith("chat-load: identity old: ") and "expired" in err
     assert err.count("\n") == 1

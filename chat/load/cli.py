@@ -13,17 +13,16 @@ import sys
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
 
 import trio
 
+from chat.cli_common import EXIT_OK, Parser, UsageError, run_main
 from chat.load.progress import ProgressLine
 from chat.load.runner import LoadConfig, LoadError, run_load
 from chat.load.stats import BODY_HEAD, MAX_PUBLISHERS, CpuUse, ProcessGone, Report
 from chat.load.stats import process_cpu_seconds as _cpu_seconds
 
 PROG = "chat-load"
-EXIT_USAGE = 2  # as argparse: the run did not happen
 MAX_CONNECTIONS = 20_000  # subscribers + publishers: beyond, file descriptors and RAM run out
 MAX_SIZE = 60 * 1024  # the server's default frame limit (64 KiB) minus room for headers
 MAX_DURATION = 3600.0  # one measured window; longer soaks are several runs
@@ -57,17 +56,8 @@ benchmarks/fanout.py runs this against our server and a minimal baseline server.
 """
 
 
-class UsageError(Exception):
-    """A bad command line, reported on one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+    p = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="wss://127.0.0.1:8443/ws",
                    help="the server's STOMP endpoint (default %(default)s); tokens come "
@@ -252,18 +242,18 @@ def _cpu(use: CpuUse) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one load test; 0 when it ran, 2 (one line on stderr) when it could not."""
+    """Run one load test; 0 when it ran, 2 (one line on stderr) when it could not, 130 on
+    Ctrl-C."""
+    return run_main(PROG, partial(_main, argv), (LoadError,))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_of(args)
     progress = ProgressLine(sys.stderr) if sys.stderr.isatty() else None
-    try:
-        args = build_parser().parse_args(argv)
-        report = trio.run(partial(run_load, config_of(args), warn=_warn, progress=progress))
-    except (UsageError, LoadError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130  # 128 + SIGINT, as shells report it
+    report = trio.run(partial(run_load, config, warn=_warn, progress=progress))
     print(as_json(report) if args.json else as_table(report))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
