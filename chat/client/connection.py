@@ -38,7 +38,7 @@ from chat.client.errors import (
 )
 from chat.client.http import TokenGrant
 from chat.client.messages import Message, Position, Subscribed
-from chat.client.tls import WS_SCHEMES, ServerUrl, parse_url
+from chat.client.tls import WS_SCHEMES, parse_url
 from chat.client.websocket import WebSocketLink, open_websocket
 from chat.errors import CloseCode, LocalProtocolError, StompProtocolError
 from chat.protocol import events
@@ -114,6 +114,7 @@ class StompClient:
         self._failure: ClientError | None = None
         self._closing = False
         self._disconnected = trio.Event()  # set once disconnect() is done
+        self._ended: trio.Event | None = None  # set once _end()'s close is done, if it began
         self._routes: dict[type[events.Event], Callable[[Any], None]] = {
             events.Message: self._on_message,
             events.Receipt: self._on_receipt,
@@ -212,6 +213,8 @@ class StompClient:
                     await self._request(Frame("DISCONNECT"), receipt=True)
             self._fail(ConnectionLost("disconnected", CloseCode.NORMAL))
             with trio.move_on_after(CLOSE_TIMEOUT):
+                if self._ended is not None:  # a close saying why (1002, 1008) is under way
+                    await self._ended.wait()
                 await self._ws.aclose(CloseCode.NORMAL)
         finally:
             self._disconnected.set()
@@ -387,10 +390,14 @@ class StompClient:
     async def _end(self, failure: ClientError, code: CloseCode | None) -> None:
         """Fail, then close: with a close frame when the peer is alive, else abruptly."""
         self._fail(failure)
-        if code is not None:
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                await self._ws.aclose(code)
-        await self._link.abort()
+        self._ended = ended = trio.Event()
+        try:
+            if code is not None:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._ws.aclose(code)
+            await self._link.abort()
+        finally:
+            ended.set()
 
     def _closed(self, reason: CloseReason | None) -> ClientError:
         """Why the WebSocket closed: the transport's precise error when there was no close frame."""
@@ -436,24 +443,33 @@ async def connect(
     """
     url = parse_url(ws_url, WS_SCHEMES)
     offered = [STOMP_SUBPROTOCOL, bearer_subprotocol(token)]
-    async with open_websocket(url, ssl_context, offered, HANDSHAKE_TIMEOUT) as link:
-        client = await _handshake(link, url, host or url.endpoint.host, heartbeat)
-        client._start()
-        try:
-            yield client
-        finally:
-            cancelled = trio.current_effective_deadline() == -math.inf
-            with trio.CancelScope(shield=True):
-                await client._leave(cancelled)
+    async with (
+        open_websocket(url, ssl_context, offered, HANDSHAKE_TIMEOUT) as link,
+        stomp_over(link, host or url.endpoint.host, heartbeat) as client,
+    ):
+        yield client
 
 
-async def _handshake(
-    link: WebSocketLink, url: ServerUrl, host: str, offer: tuple[int, int]
-) -> StompClient:
+@asynccontextmanager
+async def stomp_over(
+    link: WebSocketLink, host: str, heartbeat: tuple[int, int]
+) -> AsyncIterator[StompClient]:
+    """A StompClient on a WebSocket already open (by `connect()`, or a test's memory stream)."""
+    client = await _handshake(link, host, heartbeat)
+    client._start()
+    try:
+        yield client
+    finally:
+        cancelled = trio.current_effective_deadline() == -math.inf
+        with trio.CancelScope(shield=True):
+            await client._leave(cancelled)
+
+
+async def _handshake(link: WebSocketLink, host: str, offer: tuple[int, int]) -> StompClient:
     """CONNECT, then CONNECTED (or ERROR), under HANDSHAKE_TIMEOUT."""
     ws = link.ws
     if ws.subprotocol != STOMP_SUBPROTOCOL:  # never named: it could be our bearer entry
-        raise BadResponse(f"{url.endpoint} did not select the {STOMP_SUBPROTOCOL} subprotocol")
+        raise BadResponse(f"{link.endpoint} did not select the {STOMP_SUBPROTOCOL} subprotocol")
     protocol = StompConnection(Role.CLIENT, limits=CLIENT_LIMITS)
     connect_frame = Frame("CONNECT", (
         ("accept-version", STOMP_VERSION),
@@ -467,7 +483,7 @@ async def _handshake(
                 protocol.receive_data(_bytes(await ws.get_message()), trio.current_time())
     except trio.TooSlowError:
         raise ServerUnreachable(
-            f"{url.endpoint} did not complete the STOMP handshake within {HANDSHAKE_TIMEOUT:g} s"
+            f"{link.endpoint} did not complete the STOMP handshake within {HANDSHAKE_TIMEOUT:g} s"
         ) from None
     except ConnectionClosed as exc:
         raise link.broken or ConnectionLost(

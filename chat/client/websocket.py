@@ -60,6 +60,10 @@ class WebSocketLink:
     _transport: _Transport
 
     @property
+    def endpoint(self) -> Endpoint:
+        return self._transport.endpoint
+
+    @property
     def broken(self) -> ClientError | None:
         """Why the transport under the WebSocket failed, if it did (1006 says no more)."""
         return self._transport.failure
@@ -78,7 +82,17 @@ async def open_websocket(
     TCP, TLS and the upgrade each take at most `timeout`. Leaving cancels the nursery
     (close politely before that) and closes the stream. Raises `ClientError`s.
     """
-    transport = _Transport(await open_tls_stream(url.endpoint, ssl_context, timeout), url.endpoint)
+    stream = await open_tls_stream(url.endpoint, ssl_context, timeout)
+    async with websocket_over(stream, url, subprotocols, timeout) as link:
+        yield link
+
+
+@asynccontextmanager
+async def websocket_over(
+    stream: trio.abc.Stream, url: ServerUrl, subprotocols: list[str], timeout: float
+) -> AsyncIterator[WebSocketLink]:
+    """As `open_websocket()`, over a stream already open (TLS, or a test's memory stream)."""
+    transport = _Transport(stream, url.endpoint)
     try:
         async with trio.open_nursery() as nursery:
             ws = await _upgrade(nursery, transport, url, subprotocols, timeout)
@@ -149,9 +163,9 @@ def _rejection(exc: ConnectionRejected, url: ServerUrl) -> ClientError:
 class _Transport(trio.abc.Stream):
     """The TLS stream under trio-websocket, keeping why it broke (see the module docstring)."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream], endpoint: Endpoint) -> None:
+    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
         self._stream = stream
-        self._endpoint = endpoint
+        self.endpoint = endpoint
         self._answered = False  # has the server sent anything since the TLS handshake?
         self.upgraded = False  # set once trio-websocket has the server's 101
         self.failure: ClientError | None = None
@@ -189,7 +203,7 @@ class _Transport(trio.abc.Stream):
 
     def _why(self, exc: trio.BrokenResourceError | None) -> ClientError:
         if not self._answered:
-            return unanswered_failure(exc, self._endpoint)
+            return unanswered_failure(exc, self.endpoint)
         if exc is None:
-            return ConnectionLost(f"{self._endpoint} closed the connection")
-        return transport_failure(exc, self._endpoint, connected=True)
+            return ConnectionLost(f"{self.endpoint} closed the connection")
+        return transport_failure(exc, self.endpoint, connected=True)
