@@ -24,6 +24,7 @@ from chat.cli_common import (
     run_main,
 )
 from chat.load import cli as load_cli
+from chat.server import cli as server_cli
 
 
 class Refused(Exception):
@@ -167,7 +168,11 @@ def test_the_variable_must_be_set_and_not_empty(
 
 
 Main = Callable[[Sequence[str] | None], int]
-TOOLS: list[tuple[str, Main, list[str]]] = [("chat-certs", certs_cli.main, ["init"])]
+TOOLS: list[tuple[str, Main, list[str]]] = [
+    ("chat-certs", certs_cli.main, ["init"]),
+    ("chat-server", server_cli.main, []),
+    ("chat-server", server_cli.main, ["serve"]),
+]
 
 
 @pytest.mark.parametrize(("prog", "main", "command"), TOOLS)
@@ -197,7 +202,7 @@ def test_every_tool_says_the_same_of_a_bad_passphrase_variable(
 
 @pytest.mark.parametrize(
     ("prog", "main", "command"),
-    [*TOOLS, ("chat-load", load_cli.main, [])],
+    [*TOOLS, ("chat-server", server_cli.main, ["keys", "list"]), ("chat-load", load_cli.main, [])],
 )
 def test_every_tool_reports_a_bad_option_in_one_line(
     capsys: pytest.CaptureFixture[str],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import signal
 import subprocess
@@ -13,7 +14,9 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from chat import pki as pki_module
+from chat.cli_common import config_from
 from chat.server.app import ChatServer
+from chat.server.cli import build_parser, main
 from chat.server.config import ServerConfig
 from tests.conftest import RunningServer, StompPeer, TestPki, http_request, raw_ws
 
@@ -39,13 +42,15 @@ async def start(tmp_path: Path, *args: str) -> tuple[trio.Process, int, str]:
         stderr=subprocess.PIPE,
     )
     output = ""
+    stderr = process.stderr
+    assert stderr is not None
     with trio.fail_after(30):
         while not (match := re.search(r"ready on https://127\.0\.0\.1:(\d+)", output)):
-            chunk = await process.stderr.receive_some(4096)
+            chunk = await stderr.receive_some(4096)
             assert chunk, output
             output += chunk.decode()
         while "chat-client" not in output:
-            output += (await process.stderr.receive_some(4096)).decode()
+            output += (await stderr.receive_some(4096)).decode()
     return process, int(match.group(1)), output
 
 
@@ -78,7 +83,7 @@ async def test_sigterm_closes_connections_with_1001_and_exits_0(tmp_path: Path) 
         with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
             while True:
                 await ws.get_message()
-        assert info.value.reason.code == 1001
+        assert info.value.reason is not None and info.value.reason.code == 1001
     with trio.fail_after(15):
         assert await process.wait() == 0
 
@@ -124,9 +129,7 @@ def test_missing_certificate_file(tmp_path: Path, pki: TestPki) -> None:
 
 
 def test_encrypted_key_without_passphrase(tmp_path: Path, pki: TestPki) -> None:
-    key = pki_module.generate_key()
-    ca_key = pki_module.load_private_key(pki.dir / "ca.key")
-    ca_cert = pki_module.load_certificate(pki.ca)
+    ca_key, ca_cert = pki_module.load_ca(pki_module.DevPki.at(pki.dir))
     key, cert = pki_module.make_server_cert(ca_key, ca_cert, [])
     pki_module.write_private_key(tmp_path / "server.key", key, b"secret")
     pki_module.write_certificate(tmp_path / "server.crt", cert)
@@ -201,3 +204,95 @@ def test_keys_rotate_lists_both(tmp_path: Path) -> None:
 def test_config_defaults_match_protocol() -> None:
     config = ServerConfig()
     assert (config.host, config.port, config.heartbeat) == ("127.0.0.1", 8443, (10000, 10000))
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    commands = result.stdout.split("\ncommands:\n")[1].split("\n\n")[0]
+    for command in ("serve", "revoke", "unrevoke", "keys"):
+        assert f"\n    {command} " in commands
+    assert "rotate" in commands and "list" in commands
+    for usage in ("[serve] [OPTIONS]", "revoke (--sub NAME | --jti ID)", "keys {rotate,list}"):
+        assert usage in result.stdout
+    keys = run("keys", "--help")
+    assert keys.returncode == 0 and "{rotate,list}" in keys.stdout
+
+
+def test_help_shows_every_option_of_the_config_with_its_default() -> None:
+    entries = re.split(r"\n  (?=--)", run("--help").stdout)  # one per option, flag first
+    described = {
+        entry.split()[0]: " ".join(entry.split("\n\n")[0].split()) for entry in entries[1:]
+    }
+    config = ServerConfig()
+    defaults = {
+        "--host": config.host,
+        "--port": str(config.port),
+        "--certs-dir": "certs",
+        "--cert": "CERTS_DIR/server.crt",
+        "--key": "CERTS_DIR/server.key",
+        "--ca": "CERTS_DIR/ca.crt",
+        "--crl": "CERTS_DIR/crl.pem, if present",
+        "--state-dir": "state",
+        "--token-lifetime": "300",
+        "--refresh-lifetime": "1209600",
+        "--clock-leeway": "30",
+        "--heartbeat": "10000,10000",
+        "--max-frame-bytes": "65536",
+        "--max-subscriptions": "128",
+        "--outbound-buffer-bytes": "4194304",
+        "--history": "sqlite",
+        "--retention-count": "1000",
+        "--retention-age": "604800",
+        "--shutdown-grace": "5",
+        "--log-level": "info",
+    }
+    for flag, default in defaults.items():
+        assert described[flag].endswith(f"(default {default})"), described[flag]
+    no_default = {"--passphrase-env", "--trust-jwks", "--mtls"}
+    assert set(described) == set(defaults) | no_default
+
+
+def parsed(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def test_serving_is_the_default_command_and_options_go_on_either_side() -> None:
+    default = config_from(ServerConfig, parsed())
+    assert default == ServerConfig()
+    for argv in (
+        ("--port", "9", "--heartbeat", "1,2"),
+        ("serve", "--port", "9", "--heartbeat", "1,2"),
+        ("--port", "9", "serve", "--heartbeat", "1,2"),
+    ):
+        args = parsed(*argv)
+        assert args.run.__name__ == "_run_server"
+        assert config_from(ServerConfig, args) == ServerConfig(port=9, heartbeat=(1, 2)), argv
+
+
+def test_state_commands_take_state_dir_on_either_side() -> None:
+    assert parsed("revoke", "--sub", "a").state_dir == ServerConfig().state_dir
+    assert parsed("revoke", "--sub", "a", "--state-dir", "s").state_dir == Path("s")
+    assert parsed("--state-dir", "s", "keys", "list").state_dir == Path("s")
+    args = parsed("revoke", "--jti", "j", "--token-lifetime", "7")
+    assert (args.jti, args.token_lifetime) == ("j", 7.0)
+    assert parsed("revoke", "--jti", "j").token_lifetime == ServerConfig().token_lifetime
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (("--port", "x"), "argument --port: invalid int value: 'x' (see 'chat-server --help')"),
+        (("--heartbeat", "1"), "argument --heartbeat: expected two integers in ms"),
+        (("bogus",), "argument COMMAND: invalid choice: 'bogus'"),
+        (("revoke",), "one of the arguments --sub --jti is required (see 'chat-server revoke"),
+        (("keys", "spin"), "argument action: invalid choice: 'spin' (choose from"),
+        (("--trust-jwks", "jwks.json"), "argument --trust-jwks: expected 2 arguments"),
+    ],
+)
+def test_usage_errors_are_one_line(
+    argv: tuple[str, ...], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(list(argv)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"chat-server: {said}"), err

@@ -1,54 +1,174 @@
-"""The server's one configuration object: every default and every bound lives here."""
+"""The server's one configuration object: every default and every bound lives here.
+
+A field made with `option()` is also a `chat-server` option: its help, flag name and parser
+sit beside its default, and the CLI derives its options and `--help` from these fields.
+Fields without one are bounds the command line does not offer.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from chat.cli_common import option
 
 DEFAULT_PORT = 8443
 # The outbound buffer must hold a couple of the largest frames, or healthy readers get evicted.
 MIN_BUFFER_FRAMES = 2
+HISTORY_KINDS = ("sqlite", "memory")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# --help groups, in the order the README's "Server options" names them
+LISTENER = "listener"
+CERTIFICATES = "certificates"
+STATE = "state"
+TOKENS = "tokens"
+STOMP = "STOMP"
+HISTORY = "history"
+SHUTDOWN = "shutdown"
+LOGGING = "logging"
 
 
 class ConfigError(ValueError):
     """Settings that cannot work together; the CLI prints it as one line and exits 2."""
 
 
+def parse_heartbeat(text: str) -> tuple[int, int]:
+    """`--heartbeat SEND,RECV` in ms (PROTOCOL.md §5); ValueError says what is wrong."""
+    try:
+        send, receive = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError("expected two integers in ms, e.g. 10000,10000") from None
+    if send < 0 or receive < 0:
+        raise ValueError("heart-beat intervals cannot be negative")
+    return send, receive
+
+
+def _jwks_source(path: str, issuer: str) -> tuple[Path, str]:
+    return Path(path), issuer
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """Everything `chat-server` can be told; the CLI maps flags onto these fields."""
+    """Everything `chat-server` can be told; its options are made from these fields."""
 
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    certs_dir: Path = Path("certs")
+    host: str = option("127.0.0.1", "address to listen on", group=LISTENER)
+    port: int = option(DEFAULT_PORT, "TCP port", group=LISTENER)
+    certs_dir: Path = option(
+        Path("certs"),
+        "folder with server.crt, server.key, ca.crt, crl.pem; with none of --cert, --key, --ca, "
+        "development certificates are created there if it has none",
+        group=CERTIFICATES,
+    )
     # Explicit paths override the files in certs_dir (server.crt, server.key, ca.crt, crl.pem).
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    crl: Path | None = None
-    key_passphrase: bytes | None = field(default=None, repr=False)
-    state_dir: Path = Path("state")
+    cert: Path | None = option(
+        None, "server certificate", group=CERTIFICATES, shown="CERTS_DIR/server.crt"
+    )
+    key: Path | None = option(
+        None, "server private key", group=CERTIFICATES, shown="CERTS_DIR/server.key"
+    )
+    ca: Path | None = option(
+        None,
+        "CA bundle client certificates must chain to",
+        group=CERTIFICATES,
+        shown="CERTS_DIR/ca.crt",
+    )
+    crl: Path | None = option(
+        None,
+        "certificate revocation list, re-read when it changes",
+        group=CERTIFICATES,
+        shown="CERTS_DIR/crl.pem, if present",
+    )
+    key_passphrase: bytes | None = option(
+        None,
+        "the server key is encrypted: its passphrase is in environment variable VAR",
+        group=CERTIFICATES,
+        flag="--passphrase-env",
+        secret_env=True,
+        repr=False,
+    )
+    state_dir: Path = option(
+        Path("state"),
+        "signing keys, the token database and the message history",
+        group=STATE,
+    )
     issuer: str = "chat"
     # External identity providers whose tokens are accepted too: (JWK Set file, their `iss`).
-    trusted_jwks: tuple[tuple[Path, str], ...] = ()
-    token_lifetime: float = 300.0  # access tokens are short-lived: 5 minutes
-    refresh_lifetime: float = 14 * 86400.0  # refresh tokens: 14 days
-    clock_leeway: float = 30.0  # tolerated clock skew on exp/nbf
+    trusted_jwks: tuple[tuple[Path, str], ...] = option(
+        (),
+        "also accept access tokens from an external identity provider: its JWK Set file "
+        "and its `iss`; its tokens must carry aud=chat, sub = the certificate CN and "
+        "cnf.x5t#S256 like ours (repeatable)",
+        group=TOKENS,
+        flag="--trust-jwks",
+        metavar=("FILE", "ISS"),
+        parse=_jwks_source,
+        repeat=True,
+    )
+    # access tokens are short-lived: 5 minutes
+    token_lifetime: float = option(
+        300.0, "access token lifetime", group=TOKENS, metavar="SECONDS"
+    )
+    # refresh tokens: 14 days
+    refresh_lifetime: float = option(
+        14 * 86400.0, "refresh token lifetime", group=TOKENS, metavar="SECONDS"
+    )
+    # tolerated clock skew on exp/nbf
+    clock_leeway: float = option(
+        30.0, "tolerated clock skew when checking tokens", group=TOKENS, metavar="SECONDS"
+    )
     # STOMP heart-beat offer (PROTOCOL.md §5): what we can send, what we want to receive, ms.
-    heartbeat: tuple[int, int] = (10_000, 10_000)
-    max_frame_bytes: int = 64 * 1024  # one STOMP frame, headers and body
+    heartbeat: tuple[int, int] = option(
+        (10_000, 10_000),
+        "STOMP heart-beat offer in ms: what we send, what we want to receive; "
+        "0 disables a side",
+        group=STOMP,
+        metavar="SEND,RECV",
+        parse=parse_heartbeat,
+    )
+    # one STOMP frame, headers and body
+    max_frame_bytes: int = option(
+        64 * 1024, "largest STOMP frame accepted", group=STOMP, metavar="BYTES"
+    )
     max_headers: int = 32  # per STOMP frame
-    max_subscriptions: int = 128  # per connection
+    max_subscriptions: int = option(
+        128, "subscriptions per connection", group=STOMP, metavar="N"
+    )
     # A connection whose unsent bytes exceed this is a slow consumer and is closed.
-    outbound_buffer_bytes: int = 4 * 1024 * 1024
+    outbound_buffer_bytes: int = option(
+        4 * 1024 * 1024,
+        "unsent bytes after which a slow consumer is closed",
+        group=STOMP,
+        metavar="BYTES",
+    )
     handshake_timeout: float = 10.0  # TLS handshake + HTTP request head
     connect_timeout: float = 10.0  # WebSocket open until STOMP CONNECT
     close_timeout: float = 2.0  # how long we wait for the peer's close frame
-    shutdown_grace: float = 5.0  # SIGTERM: time connections get to close with 1001
-    history: str = "sqlite"  # "sqlite" (state_dir/history.db, survives crashes) or "memory"
-    retention_count: int = 1000  # messages kept per topic for resume
-    retention_age: float = 7 * 86400.0  # seconds a message is kept for resume
+    # "sqlite" (state_dir/history.db, survives crashes) or "memory"
+    history: str = option(
+        "sqlite",
+        "where messages are kept for resume: sqlite (STATE_DIR/history.db; a RECEIPT for "
+        "a SEND means it is on disk) or memory (lost on restart)",
+        group=HISTORY,
+        choices=HISTORY_KINDS,
+    )
+    retention_count: int = option(
+        1000, "messages kept per topic for resume", group=HISTORY, metavar="N"
+    )
+    retention_age: float = option(
+        7 * 86400.0, "how long a message is kept for resume", group=HISTORY, metavar="SECONDS"
+    )
+    # SIGTERM: time connections get to close with 1001
+    shutdown_grace: float = option(
+        5.0,
+        "on SIGINT/SIGTERM, time connections get to close",
+        group=SHUTDOWN,
+        metavar="SECONDS",
+    )
     revocation_poll: float = 1.0  # how often live sessions are re-checked against revocations
+    log_level: str = option(
+        "info", "log verbosity on stderr", group=LOGGING, choices=LOG_LEVELS
+    )
 
     def __post_init__(self) -> None:
         if self.outbound_buffer_bytes < MIN_BUFFER_FRAMES * self.max_frame_bytes:
@@ -56,8 +176,10 @@ class ServerConfig:
                 f"outbound buffer ({self.outbound_buffer_bytes} bytes) must hold at least "
                 f"{MIN_BUFFER_FRAMES} frames of the largest size ({self.max_frame_bytes} bytes)"
             )
-        if self.history not in ("sqlite", "memory"):
+        if self.history not in HISTORY_KINDS:
             raise ConfigError(f"history must be sqlite or memory, not {self.history!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
 
     def cert_path(self) -> Path:
         return self.cert or self.certs_dir / "server.crt"
