@@ -34,7 +34,6 @@ from chat.client.errors import (
     ServerProtocolError,
     ServerUnreachable,
     StompError,
-    sole_exception,
 )
 from chat.client.http import TokenGrant
 from chat.client.messages import Message, Position, Subscribed
@@ -45,6 +44,7 @@ from chat.protocol import events
 from chat.protocol.connection import SILENCE_FACTOR, ConnectionLimits, Role, StompConnection
 from chat.protocol.wire import (
     STOMP_SUBPROTOCOL,
+    STOMP_VERSION,
     TEXT_PLAIN,
     TOKEN_DESTINATION,
     WS_PATH,
@@ -64,7 +64,7 @@ __all__ = [
     "StompError",
     "Subscribed",
     "connect",
-    "sole_exception",
+    "stomp_over",
     "TEXT_PLAIN",  # send()'s default content type
     "WS_PATH",  # for chat/client/auth.py, until it imports it from chat.protocol.wire
 ]
@@ -79,7 +79,6 @@ MIN_RENEW_DELAY = 0.5  # never renew in a tight loop, whatever expires_in says
 TOKEN_CLOCK_GRAIN = 1.0  # `exp` is whole seconds: a token may end up to 1 s before expires_in
 # A server MESSAGE is a SEND (the server's 64 KiB frame limit) plus the headers it adds.
 CLIENT_LIMITS = ConnectionLimits(frames=Limits(max_frame_bytes=256 * 1024, max_headers=64))
-STOMP_VERSION = "1.2"  # the one we speak (PROTOCOL.md §2)
 
 _CLOSE_MEANINGS: dict[int, str] = {  # PROTOCOL.md §6
     CloseCode.NORMAL: "closed by the server",

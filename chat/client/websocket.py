@@ -123,7 +123,8 @@ async def _upgrade(
             transport,  # type: ignore[arg-type]  # documented: "an arbitrary stream"
             url.endpoint.host_header,
             url.path,
-            subprotocols=subprotocols, max_message_size=MAX_WS_MESSAGE,
+            subprotocols=subprotocols,
+            max_message_size=MAX_WS_MESSAGE,
         )
     if waited.cancelled_caught:
         raise ServerUnreachable(

@@ -129,6 +129,7 @@ _REFUSALS: Final[dict[tuple[Role, State], Callable[[str], Exception]]] = {
     (Role.SERVER, CLOSED): _unexpected("after the session ended"),
 }
 
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     """Bounds on what one connection holds for its peer."""

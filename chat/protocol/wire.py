@@ -11,6 +11,7 @@ WS_PATH: Final = "/ws"  # §1: where the server serves STOMP over WebSocket
 STOMP_SUBPROTOCOLS: Final = ("v12.stomp", "v11.stomp", "v10.stomp")  # §2, best first
 STOMP_SUBPROTOCOL: Final = STOMP_SUBPROTOCOLS[0]  # the version our client speaks
 STOMP_VERSIONS: Final = ("1.2", "1.1", "1.0")  # CONNECT accept-version values, best first
+STOMP_VERSION: Final = STOMP_VERSIONS[0]  # the version our client speaks
 BEARER_PREFIX: Final = "bearer."  # §2: the access token rides in Sec-WebSocket-Protocol
 TOKEN_DESTINATION: Final = "/session/token"  # §7: a SEND here renews the connection's token
 TEXT_PLAIN: Final = "text/plain;charset=utf-8"  # the content-type of a text body
