@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from chat.store.errors import opening
 from chat.store.history import Batch, Retention, SqliteBackend, Stored
 
 EPOCH_BYTES = 6  # 12 hex characters: an epoch only has to differ from its topic's earlier ones
@@ -119,8 +120,9 @@ class History:
 
     @classmethod
     def open_sqlite(cls, path: Path, retention: Retention = DEFAULT_RETENTION) -> History:
-        """History stored in SQLite at `path`, loaded from it."""
-        return cls(retention, SqliteBackend.open(path))
+        """History stored in SQLite at `path`, loaded from it (`StoreUnusable` if it cannot be)."""
+        with opening("the message history", path):
+            return cls(retention, SqliteBackend.open(path))
 
     @property
     def durable(self) -> bool:

@@ -110,6 +110,26 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize(
+    ("command", "store"),
+    [
+        ((), "the signing-key store"),
+        (("revoke", "--sub", "mallory"), "the token state"),
+        (("keys", "list"), "the signing-key store"),
+    ],
+)
+def test_a_state_dir_that_is_a_file_is_one_line(
+    tmp_path: Path, pki: TestPki, command: tuple[str, ...], store: str
+) -> None:
+    not_a_dir = tmp_path / "state"
+    not_a_dir.write_text("a file where the state directory should be")
+    serving = () if command else ("--certs-dir", str(pki.dir), "--port", "0")
+    result = run(*command, "--state-dir", str(not_a_dir), *serving)
+    line = one_line_error(result)
+    assert line.startswith(f"chat-server: cannot open {store} at {not_a_dir}/"), line
+    assert line.endswith(f"{not_a_dir} is not a directory"), line
+
+
 def test_missing_certificate_file(tmp_path: Path, pki: TestPki) -> None:
     line = one_line_error(
         run(

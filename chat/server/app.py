@@ -97,7 +97,6 @@ class ChatServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.tls = TlsContexts(config)
-        config.state_dir.mkdir(parents=True, exist_ok=True)
         self.keys = KeyStore.open(config.state_dir / "keys")
         trusted = [TrustedIssuer.from_jwks_file(path, iss) for path, iss in config.trusted_jwks]
         self.authority = TokenAuthority(

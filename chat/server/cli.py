@@ -28,6 +28,7 @@ from chat.cli_common import (
 )
 from chat.server.app import ChatServer
 from chat.server.config import DEFAULT_PORT, ConfigError, ServerConfig
+from chat.store.errors import StoreUnusable
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
 from chat.tokens import TokenConfigError
@@ -64,7 +65,9 @@ KEYS_HELP = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command (serving by default); the exit status (0, 2 after one line, 130)."""
-    return run_main(PROG, partial(_main, argv), (ConfigError, pki.PkiError, TokenConfigError))
+    return run_main(
+        PROG, partial(_main, argv), (ConfigError, pki.PkiError, TokenConfigError, StoreUnusable)
+    )
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from chat.store.errors import opening
 from chat.store.files import write_atomic
 from chat.tokens import (
     PRIVATE_KEY_TYPES,
@@ -128,15 +129,19 @@ class KeyStore:
 
     @classmethod
     def open(cls, directory: Path, algorithm: str = "ES256") -> KeyStore:
-        """Open (or create) the key directory; creates the first key if there is none."""
+        """Open (or create) the key directory; creates the first key if there is none.
+
+        Raises `StoreUnusable` when the directory cannot be made or locked."""
         store = cls(directory, algorithm)
-        directory.mkdir(mode=KEY_DIR_MODE, parents=True, exist_ok=True)
-        with store._mutex, store._locked(exclusive=True):
-            keys = store._read()
-            if keys.active_kid is None:
-                keys = store._with_new_key(keys, keys.records, _KEY_GENERATORS[algorithm](),
-                                           time.time())
-            store._keys = keys
+        with opening("the signing-key store", directory):
+            directory.mkdir(mode=KEY_DIR_MODE, parents=True, exist_ok=True)
+            with store._mutex, store._locked(exclusive=True):
+                keys = store._read()
+                if keys.active_kid is None:
+                    keys = store._with_new_key(
+                        keys, keys.records, _KEY_GENERATORS[algorithm](), time.time()
+                    )
+                store._keys = keys
         return store
 
     # ------------------------------------------------------------------ in memory, any thread

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chat.errors import HttpRefusal
+from chat.store.errors import opening
 from chat.store.sqlite import open_private, transaction
 from chat.tokens import (
     Claims,
@@ -99,14 +100,19 @@ class StateStore:
 
     @classmethod
     def open(cls, path: Path) -> StateStore:
-        """Open (or create) the state file in WAL mode with its schema; load the revocations."""
-        db = open_private(path)
-        store = cls(db)
-        with store._write():
-            for statement in _SCHEMA:
-                db.execute(statement)
-            db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (VERSION_KEY,))
-        store.load_revocations()
+        """Open (or create) the state file in WAL mode with its schema; load the revocations.
+
+        Raises `StoreUnusable` when it cannot."""
+        with opening("the token state", path):
+            db = open_private(path)
+            store = cls(db)
+            with store._write():
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (VERSION_KEY,)
+                )
+            store.load_revocations()
         return store
 
     def close(self) -> None:
