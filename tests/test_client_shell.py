@@ -234,6 +234,26 @@ async def test_a_server_breaking_stomp_is_closed_1002(
     assert closed == [1002]
 
 
+async def test_a_frame_we_may_not_send_ends_the_connection(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A receipt id of the caller's own, still awaited: sending it again is our mistake."""
+
+    async def script(fake: FakeServer) -> None:
+        await fake.accept()
+        await trio.sleep_forever()
+
+    async with client_of(nursery, script) as client:
+        mine = [("receipt", "mine")]
+        await client.send("/topic/lobby", "a", receipt=False, headers=mine)
+        with pytest.raises(ConnectionLost) as refused:
+            await client.send("/topic/lobby", "b", receipt=False, headers=mine)
+        assert str(refused.value) == (
+            "closed: cannot send SEND: receipt id 'mine' is already awaited"
+        )
+        assert client.failure is refused.value
+
+
 # ---------------------------------------------------------------- what the adapter adds
 
 
