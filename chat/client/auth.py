@@ -25,20 +25,12 @@ from typing import Protocol
 import trio
 
 from chat.client.backoff import DEFAULT_BACKOFF, Backoff
-from chat.client.connection import WS_PATH, StompClient, connect
-from chat.client.http import (
-    HTTP_SCHEMES,
-    HTTP_TIMEOUT,
-    WS_SCHEMES,
-    ClientError,
-    ServerUnreachable,
-    TokenGrant,
-    TokenRefused,
-    fetch_token,
-    parse_url,
-    refresh_token,
-)
+from chat.client.connection import StompClient, connect
+from chat.client.errors import ClientError, ServerUnreachable, TokenRefused
+from chat.client.http import HTTP_TIMEOUT, TokenGrant, fetch_token, refresh_token
+from chat.client.tls import HTTP_SCHEMES, WS_SCHEMES, parse_url
 from chat.pki import client_ssl_context
+from chat.protocol.wire import WS_PATH
 from chat.store.files import write_atomic
 
 __all__ = [

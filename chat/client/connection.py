@@ -47,7 +47,6 @@ from chat.protocol.wire import (
     STOMP_VERSION,
     TEXT_PLAIN,
     TOKEN_DESTINATION,
-    WS_PATH,
     bearer_subprotocol,
 )
 from chat.stomp import Frame, Limits
@@ -66,7 +65,6 @@ __all__ = [
     "connect",
     "stomp_over",
     "TEXT_PLAIN",  # send()'s default content type
-    "WS_PATH",  # for chat/client/auth.py, until it imports it from chat.protocol.wire
 ]
 
 HANDSHAKE_TIMEOUT = 10.0  # TLS, upgrade, CONNECTED (each): a live server answers in milliseconds

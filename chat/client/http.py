@@ -16,14 +16,10 @@ import trio
 
 from chat.client.errors import (
     BadResponse,
-    ClientError,
-    ServerUnreachable,
-    TokenRefused,
     refusal,
 )
 from chat.client.tls import (
     HTTP_SCHEMES,
-    WS_SCHEMES,
     Endpoint,
     ServerUrl,
     mapped_transport_errors,
@@ -39,13 +35,6 @@ __all__ = [
     "fetch_token",
     "refresh_token",
     "request_json",
-    # re-exported for chat/client/auth.py until it imports them from errors.py and tls.py
-    "HTTP_SCHEMES",
-    "WS_SCHEMES",
-    "ClientError",
-    "ServerUnreachable",
-    "TokenRefused",
-    "parse_url",
 ]
 
 HTTP_TIMEOUT = 10.0  # a token request is a few ms on a live server; beyond this it is not answering

@@ -30,6 +30,7 @@ from wsproto.utilities import RemoteProtocolError as WsProtocolError
 from chat import pki
 from chat.errors import CloseCode, HttpRefusal
 from chat.history import History
+from chat.protocol.wire import WS_PATH
 from chat.server.broker import Broker
 from chat.server.config import ServerConfig
 from chat.server.connection import Connection, Ending, Outbox
@@ -242,7 +243,7 @@ class ChatServer:
         except (h11.RemoteProtocolError, HttpRefusal) as exc:
             await _respond(stream, http, refusal_response(_as_refusal(exc)))
             return
-        if request.path == "/ws" and is_upgrade(request):
+        if request.path == WS_PATH and is_upgrade(request):
             await self._upgrade(stream, http, request, peer)
         else:
             await _respond(stream, http, await self.api.handle(request, peer))

@@ -15,17 +15,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from chat.errors import HttpRefusal
+from chat.protocol.wire import BEARER_PREFIX, STOMP_SUBPROTOCOL, WS_PATH
 from chat.server.storage import Lane
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
 from chat.tokens import TokenAuthority
 
-WS_PATH = "/ws"
 UPGRADE_HINT = (
-    b"This is a STOMP over WebSocket endpoint. Connect with wss:// and an Upgrade: websocket\n"
-    b"request, offering the subprotocol v12.stomp and a bearer.<token> entry in\n"
-    b"Sec-WebSocket-Protocol (get the token with POST /auth/token).\n"
-)
+    "This is a STOMP over WebSocket endpoint. Connect with wss:// and an Upgrade: websocket\n"
+    f"request, offering the subprotocol {STOMP_SUBPROTOCOL} and a {BEARER_PREFIX}<token> entry"
+    " in\nSec-WebSocket-Protocol (get the token with POST /auth/token).\n"
+).encode()
 
 
 @dataclass(frozen=True, slots=True)
