@@ -18,10 +18,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
 
 import trio
 
+from chat.cli_common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Parser,
+    UsageError,
+    add_passphrase_option,
+    run_main,
+)
 from chat.client.auth import default_token_file, open_chat
 from chat.client.display import (
     describe,
@@ -38,9 +45,6 @@ from chat.errors import InvalidDestination
 from chat.pki import PkiError, rejection_cause
 
 PROG = "chat-client"
-EXIT_OK = 0
-EXIT_ERROR = 2  # every failure, as argparse uses for usage errors
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: a --send cut short may not have been delivered
 DEFAULT_URL = "wss://127.0.0.1:8443/ws"  # chat-server's default listener
 DEFAULT_ROOM = "lobby"
 DEFAULT_HEARTBEAT_MS = 10_000  # the server's own offer (PROTOCOL.md §5)
@@ -86,17 +90,6 @@ stderr; 130 when Ctrl-C cuts a --send short.
 """
 
 
-class UsageError(Exception):
-    """A bad command line: reported on one line like every other error."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (not usage + message) and never exits."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
 @dataclass(frozen=True, slots=True)
 class Options:
     url: str
@@ -115,14 +108,12 @@ class Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the client; returns the exit status (see the module docstring)."""
-    try:
-        options = parse_options(argv)
-        return trio.run(_run, options)
-    except (ClientError, PkiError, UsageError, InvalidDestination) as exc:
-        print(f"{PROG}: {_explained(exc)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:  # before the signal handlers are in place
-        return EXIT_INTERRUPTED
+    return run_main(
+        PROG,
+        lambda: trio.run(_run, parse_options(argv)),
+        (ClientError, PkiError, InvalidDestination),
+        explain=_explained,
+    )
 
 
 def _explained(exc: Exception) -> str:
@@ -166,7 +157,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         cert=cert,
         key=key,
         ca=ca,
-        passphrase=_passphrase(args.passphrase_env),
+        passphrase=args.passphrase,
         token_file=args.token_file or default_token_file(cert),
         heartbeat_ms=args.heartbeat,
         room=args.room,
@@ -178,7 +169,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -193,9 +184,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--ca", type=Path, metavar="FILE",
         help="the CA certificate that signed the server's (default: ca.crt beside --cert)",
     )
-    parser.add_argument(
-        "--passphrase-env", metavar="VAR",
-        help="the key is encrypted: its passphrase is in environment variable VAR",
+    add_passphrase_option(
+        parser, "the key is encrypted: its passphrase is in environment variable VAR"
     )
     parser.add_argument(
         "--token-file", type=Path, metavar="FILE",
@@ -268,15 +258,6 @@ def _check_files(cert: Path, key: Path, ca: Path) -> None:
             f"{ca}: no such CA certificate file; pass --ca with the CA that signed the "
             f"server's certificate (`chat-certs init --dir {ca.parent}` makes a new CA)"
         )
-
-
-def _passphrase(variable: str | None) -> bytes | None:
-    if variable is None:
-        return None
-    value = os.environ.get(variable)
-    if value is None:
-        raise UsageError(f"--passphrase-env {variable}: environment variable {variable} is not set")
-    return value.encode()
 
 
 # ---------------------------------------------------------------- running
