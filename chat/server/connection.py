@@ -20,7 +20,8 @@ import logging
 from dataclasses import dataclass
 
 import trio
-from wsproto import ConnectionState, WSConnection
+from wsproto import WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from chat.errors import CloseCode, PolicyViolation, StompProtocolError
@@ -173,7 +174,7 @@ class Connection:
                 if self._handle_events():
                     return
             try:
-                data = await self._stream.receive_some(RECEIVE_BYTES)
+                data = bytes(await self._stream.receive_some(RECEIVE_BYTES))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
@@ -305,7 +306,7 @@ class Connection:
 
     async def _await_peer_close(self) -> None:
         while self._ws.state is not ConnectionState.CLOSED:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
+            data = bytes(await self._stream.receive_some(RECEIVE_BYTES))
             if not data:
                 return
             self._ws.receive_data(data)
