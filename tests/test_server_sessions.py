@@ -60,16 +60,33 @@ async def test_connection_closes_when_token_expires(start_server, pki: TestPki) 
         await closed_with(alice, "token expired", 1008, timeout=4)
 
 
+def _exp(token: str) -> int:
+    return int(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
+async def _wall_clock_reaches(instant: float) -> None:
+    """Tokens expire on the wall clock (whole seconds): wait for it, not for trio's."""
+    await trio.sleep(max(0.0, instant - time.time()))
+
+
 async def test_in_band_renewal_extends_authorization(start_server, pki: TestPki) -> None:
-    server = await start_server(token_lifetime=2)
-    async with stomp_peer(server, pki, "alice") as alice:
-        await trio.sleep(1)
+    """Renewed half a second before the first token's `exp`, the connection outlives it.
+
+    Heart-beats every 100 ms make the server check authorization every 50 ms, so without
+    the renewal the connection would be closed by the time alice sends again."""
+    server = await start_server(token_lifetime=2, heartbeat=(100, 100))
+    first = await token_for(server, pki, "alice")
+    async with raw_ws(server, pki, "alice", token=first) as ws:
+        alice = StompPeer(ws)
+        await alice.connect(heartbeat="0,100")
+        await _wall_clock_reaches(_exp(first) - 0.5)
         fresh = await token_for(server, pki, "alice")
+        assert _exp(fresh) > _exp(first)  # issued in a later second
         await alice.send(
             "SEND", {"destination": "/session/token", "receipt": "renewed"}, fresh.encode()
         )
         assert (await alice.receive()).get("receipt-id") == "renewed"
-        await trio.sleep(1.6)  # past the first token's exp, inside the renewed one's
+        await _wall_clock_reaches(_exp(first) + 0.3)  # past the first token, inside the fresh
         await alice.send("SEND", {"destination": "/topic/x", "receipt": "alive"})
         assert (await alice.receive()).get("receipt-id") == "alive"
 
