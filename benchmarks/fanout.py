@@ -75,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pki.ensure_dev_pki(setup.certs, CLIENTS)
         rates = [0.0] + ([args.fixed_rate] if args.fixed_rate > 0 else [])
         try:
-            results = [_run(setup, server, rate) for rate in rates
-                       for server in ("chat", "baseline")]
+            results = [
+                _run(setup, server, rate) for rate in rates for server in ("chat", "baseline")
+            ]
         except BenchmarkFailed as exc:
             print(f"fanout: {exc}", file=sys.stderr)
             return 1
@@ -90,9 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up before each window, s")
     p.add_argument("--subscribers", type=int, default=100)
     p.add_argument("--size", type=int, default=128, help="message body bytes")
-    p.add_argument("--fixed-rate", type=float, default=100.0,
-                   help="messages/s of the second pair of runs, low enough that no harness "
-                   "saturates; 0 skips it (default %(default)s)")
+    p.add_argument(
+        "--fixed-rate",
+        type=float,
+        default=100.0,
+        help="messages/s of the second pair of runs, low enough that no harness "
+        "saturates; 0 skips it (default %(default)s)",
+    )
     p.add_argument("--server-core", type=int, default=0)
     p.add_argument("--load-core", type=int, default=1)
     return p
@@ -101,23 +106,34 @@ def _parser() -> argparse.ArgumentParser:
 def _check_quiet() -> None:
     busy = os.getloadavg()[0]
     if busy > QUIET_LOAD:
-        print(f"fanout: warning: load average {busy:.2f}: other work on this machine will "
-              "skew the numbers", file=sys.stderr)
+        print(
+            f"fanout: warning: load average {busy:.2f}: other work on this machine will "
+            "skew the numbers",
+            file=sys.stderr,
+        )
 
 
 def _cores(server: int, load: int) -> tuple[int, int]:
     available = sorted(os.sched_getaffinity(0))
     if server not in available or load not in available or server == load:
-        print(f"fanout: warning: cores {server} and {load} are not two distinct usable "
-              f"cores (have {available}); results mix server and harness CPU", file=sys.stderr)
+        print(
+            f"fanout: warning: cores {server} and {load} are not two distinct usable "
+            f"cores (have {available}); results mix server and harness CPU",
+            file=sys.stderr,
+        )
     return server, load
 
 
 # ---------------------------------------------------------------- one run
 
 
-def _run(setup: Setup, server: str, rate: float, server_args: Sequence[str] = (),
-         load_args: Sequence[str] = ()) -> Result:
+def _run(
+    setup: Setup,
+    server: str,
+    rate: float,
+    server_args: Sequence[str] = (),
+    load_args: Sequence[str] = (),
+) -> Result:
     port = _free_port()
     log = setup.work / f"{server}-{rate:g}-{len(load_args)}.log"
     server_command = [*_server_command(setup, server, port), *server_args]
@@ -130,19 +146,46 @@ def _run(setup: Setup, server: str, rate: float, server_args: Sequence[str] = ()
 
 def _server_command(setup: Setup, server: str, port: int) -> list[str]:
     if server == "baseline":
-        return [sys.executable, str(BASELINE), "--port", str(port), "--certs-dir",
-                str(setup.certs)]
-    return [sys.executable, "-m", "chat.server.cli", "--port", str(port), "--certs-dir",
-            str(setup.certs), "--state-dir", str(setup.work / "state"), "--log-level", "warning"]
+        return [sys.executable, str(BASELINE), "--port", str(port), "--certs-dir", str(setup.certs)]
+    return [
+        sys.executable,
+        "-m",
+        "chat.server.cli",
+        "--port",
+        str(port),
+        "--certs-dir",
+        str(setup.certs),
+        "--state-dir",
+        str(setup.work / "state"),
+        "--log-level",
+        "warning",
+    ]
 
 
 def _load_command(setup: Setup, server: str, port: int, pid: int, rate: float) -> list[str]:
     command = [
-        sys.executable, "-m", "chat.load.cli", "--url", f"wss://127.0.0.1:{port}/ws",
-        "--certs", str(setup.certs), "--subscribers", str(setup.subscribers),
-        "--publishers", "1", "--size", str(setup.size), "--rate", f"{rate:g}",
-        "--duration", f"{setup.duration:g}", "--warmup", f"{setup.warmup:g}",
-        "--server-pid", str(pid), "--json",
+        sys.executable,
+        "-m",
+        "chat.load.cli",
+        "--url",
+        f"wss://127.0.0.1:{port}/ws",
+        "--certs",
+        str(setup.certs),
+        "--subscribers",
+        str(setup.subscribers),
+        "--publishers",
+        "1",
+        "--size",
+        str(setup.size),
+        "--rate",
+        f"{rate:g}",
+        "--duration",
+        f"{setup.duration:g}",
+        "--warmup",
+        f"{setup.warmup:g}",
+        "--server-pid",
+        str(pid),
+        "--json",
     ]
     return [*command, "--raw"] if server == "baseline" else command
 
@@ -150,8 +193,9 @@ def _load_command(setup: Setup, server: str, port: int, pid: int, rate: float) -
 def _load(command: list[str], setup: Setup) -> dict[str, Any]:
     limit = setup.warmup + setup.duration + LOAD_SLACK
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit,
-                              preexec_fn=_pin(setup.load_core))
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=limit, preexec_fn=_pin(setup.load_core)
+        )
     except subprocess.TimeoutExpired:
         raise BenchmarkFailed(f"chat-load did not finish within {limit:g} s") from None
     if done.returncode != 0:
@@ -163,8 +207,9 @@ def _load(command: list[str], setup: Setup) -> dict[str, Any]:
 def _process(command: list[str], core: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A server process pinned to `core`, logging to `log`; stopped (bounded) on exit."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_pin(core))
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_pin(core)
+        )
         try:
             yield proc
         finally:
@@ -212,25 +257,36 @@ def _tail(log: Path) -> str:
 
 # ---------------------------------------------------------------- the table
 
-COLUMNS = ("rate", "server", "deliveries/s", "server us/deliv", "server CPU", "p50 ms",
-           "p99 ms", "lost", "harness CPU")
+COLUMNS = (
+    "rate",
+    "server",
+    "deliveries/s",
+    "server us/deliv",
+    "server CPU",
+    "p50 ms",
+    "p99 ms",
+    "lost",
+    "harness CPU",
+)
 
 
 def _table(setup: Setup, results: list[Result]) -> str:
-    head = (f"fan-out: 1 publisher -> {setup.subscribers} subscribers, {setup.size} B, "
-            f"{setup.duration:g} s window after {setup.warmup:g} s warm-up; "
-            f"server on core {setup.server_core}, chat-load on core {setup.load_core}")
+    head = (
+        f"fan-out: 1 publisher -> {setup.subscribers} subscribers, {setup.size} B, "
+        f"{setup.duration:g} s window after {setup.warmup:g} s warm-up; "
+        f"server on core {setup.server_core}, chat-load on core {setup.load_core}"
+    )
     rows = [COLUMNS]
     for ours, base in zip(results[::2], results[1::2], strict=True):
         rows += [_row(ours), _row(base), _ratio(ours, base)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
-             for row in rows]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     notes = [
         "ratio = chat / baseline (deliveries/s: higher is better; us/delivery and latency: "
         "lower is better)",
         "harness CPU near 100% means chat-load, not the server, set the pace of that run",
-        "commands:", *(f"  {r.command}" for r in results),
+        "commands:",
+        *(f"  {r.command}" for r in results),
     ]
     return "\n".join([head, "", *lines, "", *notes])
 
@@ -257,13 +313,15 @@ def _ratio(ours: Result, base: Result) -> tuple[str, ...]:
         return "-" if not a or not b else f"{a / b:.2f}x"
 
     return (
-        "", "ratio",
+        "",
+        "ratio",
         ratio(lambda r: r["deliveries_per_s"]),
         ratio(lambda r: (r["server_cpu"] or {}).get("us_per_delivery")),
         "",
         ratio(lambda r: r["latency"]["p50_ms"]),
         ratio(lambda r: r["latency"]["p99_ms"]),
-        "", "",
+        "",
+        "",
     )
 
 

@@ -83,10 +83,23 @@ class Server:
     def start(self) -> None:
         self.starts += 1
         log = self.work / f"server-{self.starts}.log"
-        command = [sys.executable, "-m", "chat.server.cli", "--port", str(self.port),
-                   "--certs-dir", str(self.work / "certs"), "--state-dir",
-                   str(self.work / "state"), "--retention-count", "1000000",
-                   "--heartbeat", f"{HEARTBEAT[0]},{HEARTBEAT[1]}", "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "chat.server.cli",
+            "--port",
+            str(self.port),
+            "--certs-dir",
+            str(self.work / "certs"),
+            "--state-dir",
+            str(self.work / "state"),
+            "--retention-count",
+            "1000000",
+            "--heartbeat",
+            f"{HEARTBEAT[0]},{HEARTBEAT[1]}",
+            "--log-level",
+            "warning",
+        ]
         with log.open("wb") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         fanout._wait_ready(self.port, self.proc, log)
@@ -131,12 +144,20 @@ async def _run(args: argparse.Namespace, work: Path, certs: pki.DevPki, tally: T
 
 def _session(url: str, certs: pki.DevPki, index: int):  # noqa: ANN202 - an async context manager
     cert, key = certs.client(fanout.CLIENTS[index % len(fanout.CLIENTS)])
-    return open_session(url, cert, key, certs.ca, heartbeat=HEARTBEAT, resilience=RESILIENCE,
-                        on_notice=lambda line: None)
+    return open_session(
+        url,
+        cert,
+        key,
+        certs.ca,
+        heartbeat=HEARTBEAT,
+        resilience=RESILIENCE,
+        on_notice=lambda line: None,
+    )
 
 
-async def _subscriber(url: str, certs: pki.DevPki, index: int, tally: Tally,
-                      ready: trio.Semaphore) -> None:
+async def _subscriber(
+    url: str, certs: pki.DevPki, index: int, tally: Tally, ready: trio.Semaphore
+) -> None:
     seen = tally.seen[index]
     async with _session(url, certs, index) as session:
         await session.subscribe(TOPIC)
@@ -150,8 +171,9 @@ async def _subscriber(url: str, certs: pki.DevPki, index: int, tally: Tally,
                 tally.unrecovered += 1
 
 
-async def _publisher(url: str, certs: pki.DevPki, index: int, rate: float, tally: Tally,
-                     stop: trio.Event) -> None:
+async def _publisher(
+    url: str, certs: pki.DevPki, index: int, rate: float, tally: Tally, stop: trio.Event
+) -> None:
     async with _session(url, certs, index) as session:
         n = 0
         while not stop.is_set():
@@ -179,15 +201,24 @@ def _verdict(tally: Tally) -> tuple[int, int]:
 
 def _report(args: argparse.Namespace, tally: Tally, lost: int, doubled: int) -> str:
     times = sorted(tally.reconnects)
-    reconnect = ("-" if not times else f"min {times[0]:.2f} s, median "
-                 f"{statistics.median(times):.2f} s, max {times[-1]:.2f} s "
-                 f"({len(times)} reconnects)")
+    reconnect = (
+        "-"
+        if not times
+        else f"min {times[0]:.2f} s, median "
+        f"{statistics.median(times):.2f} s, max {times[-1]:.2f} s "
+        f"({len(times)} reconnects)"
+    )
     rows = [
-        ("run", f"{args.kills} x SIGKILL every {args.interval:g} s (down {args.down:g} s), "
-                f"{args.publishers} publishers at {args.rate:g}/s, {args.subscribers} subscribers"),
+        (
+            "run",
+            f"{args.kills} x SIGKILL every {args.interval:g} s (down {args.down:g} s), "
+            f"{args.publishers} publishers at {args.rate:g}/s, {args.subscribers} subscribers",
+        ),
         ("receipted", f"{len(tally.receipted):,} messages"),
-        ("not confirmed", f"{tally.not_delivered:,} sends (link died before the RECEIPT; "
-                          "never resent)"),
+        (
+            "not confirmed",
+            f"{tally.not_delivered:,} sends (link died before the RECEIPT; never resent)",
+        ),
         ("lost", f"{lost:,} receipted messages missing at some subscriber (must be 0)"),
         ("duplicates", f"{doubled:,} messages seen twice by a subscriber (must be 0)"),
         ("not recovered", f"{tally.unrecovered} resubscribes said recovered:false"),

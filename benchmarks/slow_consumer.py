@@ -28,12 +28,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     fanout._check_quiet()
     server_args = ["--outbound-buffer-bytes", str(args.buffer)]
     with tempfile.TemporaryDirectory(prefix="chat-slow-") as tmp:
-        setup = fanout.Setup(Path(tmp), args.duration, args.warmup, args.subscribers,
-                             args.size, *cores)
+        setup = fanout.Setup(
+            Path(tmp), args.duration, args.warmup, args.subscribers, args.size, *cores
+        )
         pki.ensure_dev_pki(setup.certs, fanout.CLIENTS)
         try:
-            runs = [fanout._run(setup, "chat", args.rate, server_args, ["--stalled", str(n)])
-                    for n in (0, args.stalled)]
+            runs = [
+                fanout._run(setup, "chat", args.rate, server_args, ["--stalled", str(n)])
+                for n in (0, args.stalled)
+            ]
         except fanout.BenchmarkFailed as exc:
             print(f"slow_consumer: {exc}", file=sys.stderr)
             return 1
@@ -47,8 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subscribers", type=int, default=50, help="healthy subscribers")
     p.add_argument("--rate", type=float, default=100.0, help="messages/s")
     p.add_argument("--size", type=int, default=4096, help="message body bytes")
-    p.add_argument("--buffer", type=int, default=256 * 1024,
-                   help="the server's --outbound-buffer-bytes (default %(default)s)")
+    p.add_argument(
+        "--buffer",
+        type=int,
+        default=256 * 1024,
+        help="the server's --outbound-buffer-bytes (default %(default)s)",
+    )
     p.add_argument("--duration", type=float, default=10.0, help="measured window, s")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up, s")
     p.add_argument("--server-core", type=int, default=0)
@@ -57,20 +64,49 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _table(args: argparse.Namespace, runs: list[fanout.Result]) -> str:
-    head = (f"slow consumers: 1 publisher -> {args.subscribers} healthy subscribers, "
-            f"{args.size} B at {args.rate:g}/s, server --outbound-buffer-bytes {args.buffer}")
-    rows = [("stalled", "evicted", "deliveries/s", "p50 ms", "p99 ms", "p99.9 ms", "lost",
-             "server us/deliv")]
+    head = (
+        f"slow consumers: 1 publisher -> {args.subscribers} healthy subscribers, "
+        f"{args.size} B at {args.rate:g}/s, server --outbound-buffer-bytes {args.buffer}"
+    )
+    rows = [
+        (
+            "stalled",
+            "evicted",
+            "deliveries/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "lost",
+            "server us/deliv",
+        )
+    ]
     for run in runs:
         r = run.report
         lat = r["latency"]
-        rows.append((str(r["stalled"]), str(r["evicted"]), f"{r['deliveries_per_s']:,.0f}",
-                     fanout._num(lat["p50_ms"]), fanout._num(lat["p99_ms"]),
-                     fanout._num(lat["p99_9_ms"]), f"{r['lost']:,}",
-                     fanout._num((r["server_cpu"] or {}).get("us_per_delivery"))))
+        rows.append(
+            (
+                str(r["stalled"]),
+                str(r["evicted"]),
+                f"{r['deliveries_per_s']:,.0f}",
+                fanout._num(lat["p50_ms"]),
+                fanout._num(lat["p99_ms"]),
+                fanout._num(lat["p99_9_ms"]),
+                f"{r['lost']:,}",
+                fanout._num((r["server_cpu"] or {}).get("us_per_delivery")),
+            )
+        )
     base, stalled = (run.report["latency"] for run in runs)
-    ratio = ("", "ratio", "", *(f"{stalled[k] / base[k]:.2f}x" if base[k] else "-"
-                                for k in ("p50_ms", "p99_ms", "p99_9_ms")), "", "")
+    ratio = (
+        "",
+        "ratio",
+        "",
+        *(
+            f"{stalled[k] / base[k]:.2f}x" if base[k] else "-"
+            for k in ("p50_ms", "p99_ms", "p99_9_ms")
+        ),
+        "",
+        "",
+    )
     rows.append(ratio)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]

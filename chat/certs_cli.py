@@ -226,9 +226,7 @@ def _show(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def _load_ca(
-    layout: DevPki, passphrase: bytes | None
-) -> tuple[pki.SigningKey, x509.Certificate]:
+def _load_ca(layout: DevPki, passphrase: bytes | None) -> tuple[pki.SigningKey, x509.Certificate]:
     try:
         return pki.load_ca(layout, passphrase)
     except KeyPassphraseRequired as exc:

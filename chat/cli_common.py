@@ -201,8 +201,13 @@ def _how_to_parse(spec: Flag, hint: object) -> dict[str, Any]:
     words = len(spec.metavar) if isinstance(spec.metavar, tuple) else 1
     if spec.repeat or words > 1:
         parse = spec.parse or _plain_type(hint)
-        return {"action": _Words, "parse": parse, "repeat": spec.repeat,
-                "nargs": words if words > 1 else None, "metavar": spec.metavar}
+        return {
+            "action": _Words,
+            "parse": parse,
+            "repeat": spec.repeat,
+            "nargs": words if words > 1 else None,
+            "metavar": spec.metavar,
+        }
     return {
         "type": _readable(spec.parse) if spec.parse else _plain_type(hint),
         "metavar": spec.metavar,

@@ -428,9 +428,7 @@ def check_current(cert: x509.Certificate, path: Path, now: datetime) -> None:
     """Refuse a certificate outside its validity period: every server would refuse it."""
     renew = f"make a new one with `chat-certs client {path.stem} --force`"
     if now > cert.not_valid_after_utc:
-        raise CertificateNotCurrent(
-            f"{path} expired on {_when(cert.not_valid_after_utc)}; {renew}"
-        )
+        raise CertificateNotCurrent(f"{path} expired on {_when(cert.not_valid_after_utc)}; {renew}")
     if now < cert.not_valid_before_utc:
         raise CertificateNotCurrent(
             f"{path} is not valid before {_when(cert.not_valid_before_utc)}; check this "

@@ -209,8 +209,11 @@ class TrustedIssuer:
         entries = document.get("keys") if isinstance(document, dict) else None
         if not isinstance(entries, list):
             raise TokenConfigError(f"{path}: not a JWK Set (no keys list)")
-        signing = [entry for entry in entries if isinstance(entry, dict)
-                   and entry.get("use", "sig") == "sig"]
+        signing = [
+            entry
+            for entry in entries
+            if isinstance(entry, dict) and entry.get("use", "sig") == "sig"
+        ]
         keys = dict(_trusted_key(entry, path) for entry in signing)
         if not keys:
             raise TokenConfigError(f"{path}: no signing keys")
@@ -250,8 +253,10 @@ _PYJWT_REFUSALS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
 def _refusal_for(exc: jwt.PyJWTError) -> InvalidToken:
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return InvalidToken(f"token lacks the required claim {exc.claim!r}")
-    detail = next((text for kind, text in _PYJWT_REFUSALS if isinstance(exc, kind)),
-                  "token could not be verified")
+    detail = next(
+        (text for kind, text in _PYJWT_REFUSALS if isinstance(exc, kind)),
+        "token could not be verified",
+    )
     return InvalidToken(detail)
 
 
@@ -301,8 +306,15 @@ def _claims_of(payload: dict[str, Any]) -> Claims:
         raise InvalidToken("token sub and jti must be non-empty strings")
     if not all(_is_number(payload[name]) for name in ("iat", "nbf", "exp")):
         raise InvalidToken("token iat, nbf and exp must be numbers")
-    return Claims(payload["iss"], payload["sub"], int(payload["iat"]), int(payload["nbf"]),
-                  int(payload["exp"]), payload["jti"], x5t)
+    return Claims(
+        payload["iss"],
+        payload["sub"],
+        int(payload["iat"]),
+        int(payload["nbf"]),
+        int(payload["exp"]),
+        payload["jti"],
+        x5t,
+    )
 
 
 def _check_times(claims: Claims, now: float, leeway: float) -> None:
@@ -330,18 +342,33 @@ class TokenAuthority:
             raise TokenConfigError(f"trusted issuer {policy.issuer!r} is our own issuer")
         active = algorithm_of(keys.public_key(keys.active_kid))
         if active not in policy.algorithms:
-            raise TokenConfigError(f"active signing key is {active}, policy accepts only "
-                                   f"{', '.join(policy.algorithms)}: rotate the key store")
+            raise TokenConfigError(
+                f"active signing key is {active}, policy accepts only "
+                f"{', '.join(policy.algorithms)}: rotate the key store"
+            )
 
     def issue(self, sub: str, x5t: str, now: float) -> tuple[str, Claims]:
         """A fresh access token for `sub`, bound to the certificate thumbprint `x5t`."""
         kid, key = self._keys.signing_key()
         iat = int(now)
-        claims = Claims(self._policy.issuer, sub, iat, iat, iat + int(self._policy.lifetime),
-                        secrets.token_urlsafe(JTI_BYTES), x5t)
+        claims = Claims(
+            self._policy.issuer,
+            sub,
+            iat,
+            iat,
+            iat + int(self._policy.lifetime),
+            secrets.token_urlsafe(JTI_BYTES),
+            x5t,
+        )
         payload = {
-            "iss": claims.iss, "aud": AUDIENCE, "sub": sub, "iat": iat, "nbf": iat,
-            "exp": claims.exp, "jti": claims.jti, "cnf": {CNF_THUMBPRINT: x5t},
+            "iss": claims.iss,
+            "aud": AUDIENCE,
+            "sub": sub,
+            "iat": iat,
+            "nbf": iat,
+            "exp": claims.exp,
+            "jti": claims.jti,
+            "cnf": {CNF_THUMBPRINT: x5t},
         }
         algorithm = algorithm_of(key.public_key())
         return jwt.encode(payload, key, algorithm=algorithm, headers={"kid": kid}), claims
@@ -357,9 +384,17 @@ class TokenAuthority:
             raise InvalidToken("token algorithm does not match its signing key")
         try:
             payload = jwt.decode(
-                token, key, algorithms=[alg], audience=AUDIENCE, issuer=issuer,
-                options={"require": list(REQUIRED_CLAIMS), "verify_exp": False,
-                         "verify_nbf": False, "verify_iat": False},
+                token,
+                key,
+                algorithms=[alg],
+                audience=AUDIENCE,
+                issuer=issuer,
+                options={
+                    "require": list(REQUIRED_CLAIMS),
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
         except jwt.PyJWTError as exc:
             raise _refusal_for(exc) from exc

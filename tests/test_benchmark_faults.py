@@ -11,9 +11,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_one_sigkill_loses_and_doubles_nothing() -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--kills", "1",
-         "--interval", "1.5", "--subscribers", "2", "--publishers", "1"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "faults.py"),
+            "--kills",
+            "1",
+            "--interval",
+            "1.5",
+            "--subscribers",
+            "2",
+            "--publishers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lost           0 receipted" in result.stdout

@@ -58,9 +58,7 @@ def test_a_subcommand_error_names_the_subcommand_help() -> None:
     sub.add_argument("--to", required=True)
     with pytest.raises(UsageError) as info:
         parser.parse_args(["go"])
-    assert str(info.value) == (
-        "the following arguments are required: --to (see 'tool go --help')"
-    )
+    assert str(info.value) == ("the following arguments are required: --to (see 'tool go --help')")
 
 
 # ---------------------------------------------------------------- run_main
@@ -244,7 +242,11 @@ class Demo:
     home: Path | None = option(None, "where it lives", group="files", shown="HERE/home")
     even: int = option(2, "an even number", group="basics", parse=_even)
     peers: tuple[tuple[str, int], ...] = option(
-        (), "a peer (repeatable)", group="files", metavar=("HOST", "PORT"), parse=_pair,
+        (),
+        "a peer (repeatable)",
+        group="files",
+        metavar=("HOST", "PORT"),
+        parse=_pair,
         repeat=True,
     )
     secret: bytes | None = option(
@@ -263,10 +265,26 @@ def demo_parser(*, defaults: bool = True) -> Parser:
 
 def test_options_are_made_from_the_fields_with_their_defaults() -> None:
     assert config_from(Demo, demo_parser().parse_args([])) == Demo()
-    args = demo_parser().parse_args([
-        "--name", "x", "--lifetime", "1.5", "--home", "/h", "--even", "4",
-        "--peers", "a", "1", "--peers", "b", "2", "--mode", "slow",
-    ])
+    args = demo_parser().parse_args(
+        [
+            "--name",
+            "x",
+            "--lifetime",
+            "1.5",
+            "--home",
+            "/h",
+            "--even",
+            "4",
+            "--peers",
+            "a",
+            "1",
+            "--peers",
+            "b",
+            "2",
+            "--mode",
+            "slow",
+        ]
+    )
     assert config_from(Demo, args) == Demo(
         name="x", lifetime=1.5, home=Path("/h"), even=4, peers=(("a", 1), ("b", 2)), mode="slow"
     )

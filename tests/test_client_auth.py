@@ -30,8 +30,9 @@ from tests.test_client_cli import CLI, cli_args, run_cli
 FAST = 5  # seconds: every wait here is on loopback
 
 
-def source(server: RunningServer, pki: TestPki, name: str, path: Path,
-           notices: list[str] | None = None) -> TokenSource:
+def source(
+    server: RunningServer, pki: TestPki, name: str, path: Path, notices: list[str] | None = None
+) -> TokenSource:
     sink = notices.append if notices is not None else print
     return TokenSource(server.base_url, pki.client_context(name), TokenFile(path), sink)
 
@@ -149,8 +150,9 @@ async def test_refresh_token_used_twice_is_said_once(
     assert "used twice" in notices[0] and "revoked" in notices[0] and str(path) in notices[0]
     assert stolen not in notices[0]
     assert path.read_text().strip() == fresh.refresh_token
-    async with connect_authorized(server.ws_url, pki.client_context("alice"), tokens,
-                                  grant=fresh) as client:
+    async with connect_authorized(
+        server.ws_url, pki.client_context("alice"), tokens, grant=fresh
+    ) as client:
         assert client.user_name == "alice"
 
 
@@ -249,8 +251,9 @@ async def test_revoked_identity_is_one_line_with_what_to_do(
     with pytest.raises(TokenRefused) as refused:
         await source(server, pki, "carol", tmp_path / "carol.refresh").grant()
     assert (refused.value.status, refused.value.code) == (403, "identity_revoked")
-    args = cli_args(server, pki, "carol", "--token-file", str(tmp_path / "c.refresh"),
-                    "--send", "lobby", "x")
+    args = cli_args(
+        server, pki, "carol", "--token-file", str(tmp_path / "c.refresh"), "--send", "lobby", "x"
+    )
     result = await run_cli(args)
     assert result.returncode == 2
     lines = result.stderr.decode().splitlines()
@@ -270,8 +273,9 @@ async def test_expired_token_at_handshake_is_refreshed_once(
     stale = await tokens.grant()
     expires = jwt.decode(stale.access_token, options={"verify_signature": False})["exp"]
     await trio.sleep(expires - time.time() + 0.1)
-    async with connect_authorized(server.ws_url, pki.client_context("alice"), tokens,
-                                  grant=stale) as client:
+    async with connect_authorized(
+        server.ws_url, pki.client_context("alice"), tokens, grant=stale
+    ) as client:
         # refreshed for the retry (in-band renewal waits at least half a second)
         assert path.read_text().strip() != stale.refresh_token
         await client.subscribe("/topic/lobby")
@@ -289,16 +293,19 @@ async def test_expired_twice_is_an_error_not_a_loop(
 
     async def handler(request: WebSocketRequest) -> None:
         next(handshakes)
-        await request.reject(401, extra_headers=[(b"Content-Type", b"application/json")],
-                             body=body)
+        await request.reject(401, extra_headers=[(b"Content-Type", b"application/json")], body=body)
 
     context = server_ssl_context(pki.dir / "server.crt", pki.dir / "server.key", pki.ca)
-    fake = await nursery.start(partial(serve_websocket, handler, "127.0.0.1", 0,
-                                       ssl_context=context, handler_nursery=nursery))
+    fake = await nursery.start(
+        partial(
+            serve_websocket, handler, "127.0.0.1", 0, ssl_context=context, handler_nursery=nursery
+        )
+    )
     tokens = source(server, pki, "alice", tmp_path / "alice.refresh")
     with trio.fail_after(FAST), pytest.raises(TokenRefused) as refused:
-        async with connect_authorized(f"wss://127.0.0.1:{fake.port}/ws",
-                                      pki.client_context("alice"), tokens):
+        async with connect_authorized(
+            f"wss://127.0.0.1:{fake.port}/ws", pki.client_context("alice"), tokens
+        ):
             pass
     assert refused.value.code == "token_expired"
     assert next(handshakes) == 2
@@ -312,8 +319,9 @@ async def test_in_band_renewal_rotates_the_stored_token(
     server = await start_server(token_lifetime=2.0)
     path = tmp_path / "alice.refresh"
     tokens = source(server, pki, "alice", path)
-    async with connect_resilient(server.ws_url, pki.client_context("alice"), tokens,
-                                 heartbeat=(0, 0)) as alice:
+    async with connect_resilient(
+        server.ws_url, pki.client_context("alice"), tokens, heartbeat=(0, 0)
+    ) as alice:
         first = await alice.receive()
         assert isinstance(first, Online)
         stored = path.read_text().strip()

@@ -41,12 +41,18 @@ def cli_args(server: RunningServer, pki: TestPki, name: str, *extra: str) -> lis
     return [*CLI, "--cert", str(pki.client(name)[0]), "--url", server.ws_url, *extra]
 
 
-async def run_cli(args: list[str], stdin: bytes = b"",
-                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+async def run_cli(
+    args: list[str], stdin: bytes = b"", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(FAST):
         return await trio.run_process(
-            args, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False,
-            cwd=ROOT, env=env,
+            args,
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=ROOT,
+            env=env,
         )
 
 
@@ -75,8 +81,14 @@ def bob_chat(server: RunningServer, pki: TestPki) -> AbstractAsyncContextManager
 
 def background(args: list[str]) -> Callable[..., Awaitable[object]]:
     """A `nursery.start` target: the process runs with piped stdout/stderr."""
-    return partial(trio.run_process, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                   check=False, cwd=ROOT)
+    return partial(
+        trio.run_process,
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        check=False,
+        cwd=ROOT,
+    )
 
 
 # ---------------------------------------------------------------- scripted use
@@ -117,8 +129,16 @@ async def test_encrypted_key_needs_its_passphrase(
     pki_module.write_private_key(locked, pki_module.load_private_key(key), b"s3cret")
     (tmp_path / "carol.crt").write_bytes(cert.read_bytes())
     (tmp_path / "ca.crt").write_bytes(pki.ca.read_bytes())
-    args = [*CLI, "--cert", str(tmp_path / "carol.crt"), "--url", server.ws_url,
-            "--send", "lobby", "x"]
+    args = [
+        *CLI,
+        "--cert",
+        str(tmp_path / "carol.crt"),
+        "--url",
+        server.ws_url,
+        "--send",
+        "lobby",
+        "x",
+    ]
     line = one_error_line(await run_cli(args))
     assert str(locked) in line and "--passphrase-env" in line
     env = {**os.environ, "CAROL_PASS": "s3cret"}
@@ -146,8 +166,16 @@ async def test_unreachable_server(pki: TestPki) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    args = [*CLI, "--cert", str(pki.client("alice")[0]), "--url", f"wss://127.0.0.1:{port}/ws",
-            "--send", "lobby", "x"]
+    args = [
+        *CLI,
+        "--cert",
+        str(pki.client("alice")[0]),
+        "--url",
+        f"wss://127.0.0.1:{port}/ws",
+        "--send",
+        "lobby",
+        "x",
+    ]
     line = one_error_line(await run_cli(args))
     assert f"cannot reach 127.0.0.1:{port}: connection refused (tried 4 times)" in line
 
@@ -161,8 +189,18 @@ async def test_server_from_another_ca(server: RunningServer, pki: TestPki) -> No
 
 async def test_client_certificate_from_another_ca(server: RunningServer, pki: TestPki) -> None:
     mallory = pki.foreign_dir / "mallory.crt"
-    args = [*CLI, "--cert", str(mallory), "--ca", str(pki.ca), "--url", server.ws_url,
-            "--send", "lobby", "x"]
+    args = [
+        *CLI,
+        "--cert",
+        str(mallory),
+        "--ca",
+        str(pki.ca),
+        "--url",
+        server.ws_url,
+        "--send",
+        "lobby",
+        "x",
+    ]
     line = one_error_line(await run_cli(args))
     assert "rejected our client certificate" in line
 
@@ -180,8 +218,19 @@ async def test_help_lists_every_option_and_default() -> None:
     result = await run_cli([str(script), "--help"] if script.exists() else [*CLI, "--help"])
     assert result.returncode == 0
     text = result.stdout.decode()
-    for option in ("--cert", "--key", "--ca", "--passphrase-env", "--url", "--room",
-                   "--heartbeat", "--send", "--listen", "--json", "--count"):
+    for option in (
+        "--cert",
+        "--key",
+        "--ca",
+        "--passphrase-env",
+        "--url",
+        "--room",
+        "--heartbeat",
+        "--send",
+        "--listen",
+        "--json",
+        "--count",
+    ):
         assert option in text
     for default in ("wss://127.0.0.1:8443/ws", "lobby", "10000", "ca.crt"):
         assert default in text
@@ -196,10 +245,17 @@ async def test_interactive_through_a_pipe(server: RunningServer, pki: TestPki) -
     out = bytearray()
     async with bob_chat(server, pki) as bob, trio.open_nursery() as nursery:
         await bob.subscribe("/topic/lobby")
-        alice = await nursery.start(partial(
-            trio.run_process, cli_args(server, pki, "alice"), stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False, cwd=ROOT,
-        ))
+        alice = await nursery.start(
+            partial(
+                trio.run_process,
+                cli_args(server, pki, "alice"),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                check=False,
+                cwd=ROOT,
+            )
+        )
         await alice.stdin.send_all(b"hello from a pipe\n")
         with trio.fail_after(FAST):
             got = await bob.receive()
@@ -275,8 +331,9 @@ class PtyScreen:
         return status
 
 
-@pytest.mark.parametrize("leave", [b"\x15\x04", b"\x03", b"\x15/quit\r"],
-                         ids=["ctrl-d", "ctrl-c", "quit"])
+@pytest.mark.parametrize(
+    "leave", [b"\x15\x04", b"\x03", b"\x15/quit\r"], ids=["ctrl-d", "ctrl-c", "quit"]
+)
 async def test_interactive_on_a_terminal(
     server: RunningServer, pki: TestPki, tmp_path: Path, leave: bytes
 ) -> None:
@@ -289,8 +346,13 @@ async def test_interactive_on_a_terminal(
     async with bob_chat(server, pki) as bob, trio.lowlevel.FdStream(master) as terminal:
         await bob.subscribe("/topic/lobby")
         process = await trio.lowlevel.open_process(
-            args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
-            env={**os.environ, "TERM": "xterm"}, preexec_fn=_own_terminal,
+            args,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=ROOT,
+            env={**os.environ, "TERM": "xterm"},
+            preexec_fn=_own_terminal,
         )
         screen = PtyScreen(terminal, 70, 12)
         await screen.has_line("[lobby] >")
@@ -327,8 +389,9 @@ async def test_listen_json_survives_a_restart(
     another server on the same state) comes after it, in order, once."""
     first = await servers.start()
     token_file = str(tmp_path / "bob.refresh")
-    args = cli_args(first, pki, "bob", "--listen", "lobby", "--json", "--count", "4",
-                    "--token-file", token_file)
+    args = cli_args(
+        first, pki, "bob", "--listen", "lobby", "--json", "--count", "4", "--token-file", token_file
+    )
     out, err = bytearray(), bytearray()
     async with trio.open_nursery() as nursery:
         listener = await nursery.start(background(args))
@@ -364,10 +427,17 @@ async def test_interactive_session_survives_a_restart(
     args = cli_args(first, pki, "alice", "--token-file", str(tmp_path / "alice.refresh"))
     screen = bytearray()
     async with trio.open_nursery() as nursery:
-        alice = await nursery.start(partial(
-            trio.run_process, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, check=False, cwd=ROOT,
-        ))
+        alice = await nursery.start(
+            partial(
+                trio.run_process,
+                args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                check=False,
+                cwd=ROOT,
+            )
+        )
         await read_until(alice.stdout, screen, "* joined lobby")
         await servers.stop()
         await read_until(alice.stdout, screen, "* reconnecting")

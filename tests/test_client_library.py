@@ -42,8 +42,9 @@ FAST = 5  # seconds: every wait in these tests is local and should take millisec
 
 
 @asynccontextmanager
-async def chat_as(server: RunningServer, pki: TestPki, name: str,
-                  heartbeat: tuple[int, int] = (10000, 10000)) -> AsyncIterator[StompClient]:
+async def chat_as(
+    server: RunningServer, pki: TestPki, name: str, heartbeat: tuple[int, int] = (10000, 10000)
+) -> AsyncIterator[StompClient]:
     cert, key = pki.client(name)
     async with open_chat(server.ws_url, cert, key, pki.ca, heartbeat=heartbeat) as client:
         yield client
@@ -68,9 +69,11 @@ async def start_fake(nursery: trio.Nursery, pki: TestPki, script: Script) -> str
         with suppress(ConnectionClosed):
             await script(ws, FrameParser(commands=CLIENT_COMMANDS))
 
-    server = await nursery.start(partial(
-        serve_websocket, handler, "127.0.0.1", 0, ssl_context=context, handler_nursery=nursery
-    ))
+    server = await nursery.start(
+        partial(
+            serve_websocket, handler, "127.0.0.1", 0, ssl_context=context, handler_nursery=nursery
+        )
+    )
     return f"wss://127.0.0.1:{server.port}/ws"
 
 
@@ -100,16 +103,30 @@ def wire(*frames: Frame) -> str:
 
 
 def connected(heartbeat: str = "0,0") -> Frame:
-    return Frame("CONNECTED", (("version", "1.2"), ("heart-beat", heartbeat),
-                               ("session", "fake-1"), ("user-name", "alice")))
+    return Frame(
+        "CONNECTED",
+        (
+            ("version", "1.2"),
+            ("heart-beat", heartbeat),
+            ("session", "fake-1"),
+            ("user-name", "alice"),
+        ),
+    )
 
 
 def message(n: int, subscription: str) -> Frame:
-    return Frame("MESSAGE", (
-        ("destination", "/topic/lobby"), ("subscription", subscription),
-        ("message-id", str(n)), ("sender", "bob"), ("timestamp", "1700000000000"),
-        ("content-length", "5"),
-    ), f"msg-{n}".encode())
+    return Frame(
+        "MESSAGE",
+        (
+            ("destination", "/topic/lobby"),
+            ("subscription", subscription),
+            ("message-id", str(n)),
+            ("sender", "bob"),
+            ("timestamp", "1700000000000"),
+            ("content-length", "5"),
+        ),
+        f"msg-{n}".encode(),
+    )
 
 
 # ---------------------------------------------------------------- chatting through the real server
@@ -158,8 +175,9 @@ async def test_frames_coalesced_by_a_raw_client(server: RunningServer, pki: Test
         await bob.subscribe("/topic/lobby")
         peer = StompPeer(ws)
         await peer.connect()
-        sends = [Frame("SEND", (("destination", "/topic/lobby"),), f"n{n}".encode())
-                 for n in (1, 2)]
+        sends = [
+            Frame("SEND", (("destination", "/topic/lobby"),), f"n{n}".encode()) for n in (1, 2)
+        ]
         await ws.send_message(wire(*sends))
         assert [(await next_message(bob)).text for _ in sends] == ["n1", "n2"]
 
@@ -363,9 +381,9 @@ async def test_server_that_does_not_speak_websocket(nursery: trio.Nursery, pki: 
         await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
         await trio.sleep_forever()
 
-    listeners = await nursery.start(partial(
-        trio.serve_ssl_over_tcp, handler, 0, context, host="127.0.0.1"
-    ))
+    listeners = await nursery.start(
+        partial(trio.serve_ssl_over_tcp, handler, 0, context, host="127.0.0.1")
+    )
     port = listeners[0].transport_listener.socket.getsockname()[1]
     with trio.fail_after(FAST), pytest.raises(BadResponse, match="does not speak WebSocket"):
         async with connect(f"wss://127.0.0.1:{port}/ws", pki.client_context("alice"), "t"):

@@ -85,8 +85,12 @@ def test_backoff_cap_holds_for_any_attempt() -> None:
 
 @asynccontextmanager
 async def resilient_as(
-    ws_url: str, tokens_from: RunningServer, pki: TestPki, name: str = "bob",
-    heartbeat: tuple[int, int] = (0, 0), resilience: Resilience = QUICK,
+    ws_url: str,
+    tokens_from: RunningServer,
+    pki: TestPki,
+    name: str = "bob",
+    heartbeat: tuple[int, int] = (0, 0),
+    resilience: Resilience = QUICK,
 ) -> AsyncIterator[ResilientSession]:
     tokens = TokenSource(tokens_from.base_url, pki.client_context(name))
     async with connect_resilient(
@@ -110,11 +114,20 @@ def texts(events: list[Event]) -> list[str]:
 
 def stored(n: int, subscription: str, epoch: str = "e1") -> Frame:
     """A MESSAGE as a server with history sends it (PROTOCOL.md §8)."""
-    return Frame("MESSAGE", (
-        ("destination", LOBBY), ("subscription", subscription), ("message-id", str(n)),
-        ("sender", "alice"), ("timestamp", "1700000000000"), ("offset", str(n)),
-        ("epoch", epoch), ("content-length", str(len(f"m{n}"))),
-    ), f"m{n}".encode())
+    return Frame(
+        "MESSAGE",
+        (
+            ("destination", LOBBY),
+            ("subscription", subscription),
+            ("message-id", str(n)),
+            ("sender", "alice"),
+            ("timestamp", "1700000000000"),
+            ("offset", str(n)),
+            ("epoch", epoch),
+            ("content-length", str(len(f"m{n}"))),
+        ),
+        f"m{n}".encode(),
+    )
 
 
 def receipt(frame: Frame, *extra: tuple[str, str]) -> Frame:
@@ -165,8 +178,7 @@ class Servers:
 
 
 def restartable(nursery: trio.Nursery, pki: TestPki, tmp_path: Path) -> Servers:
-    config = ServerConfig(host="127.0.0.1", port=0, certs_dir=pki.dir,
-                          state_dir=tmp_path / "state")
+    config = ServerConfig(host="127.0.0.1", port=0, certs_dir=pki.dir, state_dir=tmp_path / "state")
     return Servers(nursery, config)
 
 
@@ -203,8 +215,14 @@ async def test_resume_skips_duplicates_and_reports_recovery(
             await ws.aclose(1001)
             return
         # the replay overlaps what was delivered (2), then the RECEIPT, then live traffic
-        await ws.send_message(wire(stored(2, sid), stored(3, sid),
-                                   receipt(subscribe, ("recovered", "true")), stored(4, sid)))
+        await ws.send_message(
+            wire(
+                stored(2, sid),
+                stored(3, sid),
+                receipt(subscribe, ("recovered", "true")),
+                stored(4, sid),
+            )
+        )
         await answer_receipts(ws, parser)
 
     url = await start_fake(nursery, pki, script)
@@ -236,8 +254,13 @@ async def test_lost_history_is_reported_and_its_new_epoch_delivered(
             await ws.aclose(1001)
             return
         # a new epoch: the server lost its history; offsets 1 and 2 are different messages
-        await ws.send_message(wire(stored(1, sid, "e2"), stored(2, sid, "e2"),
-                                   receipt(subscribe, ("recovered", "false"))))
+        await ws.send_message(
+            wire(
+                stored(1, sid, "e2"),
+                stored(2, sid, "e2"),
+                receipt(subscribe, ("recovered", "false")),
+            )
+        )
         await answer_receipts(ws, parser)
 
     url = await start_fake(nursery, pki, script)
@@ -266,8 +289,12 @@ async def test_quiet_room_resumes_from_its_subscribe_receipt(
             await ws.send_message(wire(receipt(subscribe, ("epoch", "e1"), ("offset", "0"))))
             await ws.aclose(1001)
             return
-        await ws.send_message(wire(stored(1, subscribe.require("id")), receipt(
-            subscribe, ("recovered", "true"), ("epoch", "e1"), ("offset", "1"))))
+        await ws.send_message(
+            wire(
+                stored(1, subscribe.require("id")),
+                receipt(subscribe, ("recovered", "true"), ("epoch", "e1"), ("offset", "1")),
+            )
+        )
         await answer_receipts(ws, parser)
 
     url = await start_fake(nursery, pki, script)
@@ -292,13 +319,20 @@ async def test_quiet_room_with_a_new_epoch_resumes_from_the_new_one(
         subscribe = await connect_and_subscribe(ws, parser)
         subscribes.append(subscribe)
         if n < 2:
-            answer = (("epoch", "e1"), ("offset", "0")) if n == 0 else (
-                ("recovered", "false"), ("epoch", "e2"), ("offset", "0"))
+            answer = (
+                (("epoch", "e1"), ("offset", "0"))
+                if n == 0
+                else (("recovered", "false"), ("epoch", "e2"), ("offset", "0"))
+            )
             await ws.send_message(wire(receipt(subscribe, *answer)))
             await ws.aclose(1001)
             return
-        await ws.send_message(wire(stored(1, subscribe.require("id"), "e2"), receipt(
-            subscribe, ("recovered", "true"), ("epoch", "e2"), ("offset", "1"))))
+        await ws.send_message(
+            wire(
+                stored(1, subscribe.require("id"), "e2"),
+                receipt(subscribe, ("recovered", "true"), ("epoch", "e2"), ("offset", "1")),
+            )
+        )
         await answer_receipts(ws, parser)
 
     url = await start_fake(nursery, pki, script)
@@ -324,8 +358,9 @@ async def test_history_on_join_is_marked_even_before_its_receipt(
         asked.append(subscribe)
         sid = subscribe.require("id")
         await ws.send_message(wire(stored(4, sid), stored(5, sid)))
-        await ws.send_message(wire(receipt(subscribe, ("epoch", "e1"), ("offset", "5")),
-                                   stored(6, sid)))
+        await ws.send_message(
+            wire(receipt(subscribe, ("epoch", "e1"), ("offset", "5")), stored(6, sid))
+        )
         await answer_receipts(ws, parser)
 
     url = await start_fake(nursery, pki, script)
@@ -468,15 +503,15 @@ async def test_restart_loses_and_duplicates_nothing(servers: Servers, pki: TestP
     assert Recovered(LOBBY, True) in events
 
 
-async def test_quiet_room_loses_nothing_across_a_restart(
-    servers: Servers, pki: TestPki
-) -> None:
+async def test_quiet_room_loses_nothing_across_a_restart(servers: Servers, pki: TestPki) -> None:
     """The issue's reproduction: alice and bob join a room nobody wrote in yet; the server
     restarts; carol writes at once. Both see it exactly once, and recovered."""
     quiet = "/topic/quiet2"
     first = await servers.start()
-    async with resilient_as(first.ws_url, first, pki, "alice") as alice, \
-            resilient_as(first.ws_url, first, pki, "bob") as bob:
+    async with (
+        resilient_as(first.ws_url, first, pki, "alice") as alice,
+        resilient_as(first.ws_url, first, pki, "bob") as bob,
+    ):
         for session in (alice, bob):
             await session.subscribe(quiet)
         await servers.stop()

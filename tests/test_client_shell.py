@@ -60,8 +60,17 @@ class FakeServer:
 
     async def accept(self, heartbeat: str = "0,0") -> None:
         assert isinstance(await self.next_event(), events.Connect)
-        await self.send(Frame("CONNECTED", (("version", "1.2"), ("heart-beat", heartbeat),
-                                            ("session", "fake"), ("user-name", "alice"))))
+        await self.send(
+            Frame(
+                "CONNECTED",
+                (
+                    ("version", "1.2"),
+                    ("heart-beat", heartbeat),
+                    ("session", "fake"),
+                    ("user-name", "alice"),
+                ),
+            )
+        )
 
     async def answer_all(self) -> None:
         """RECEIPT whatever asks for one, until the client leaves."""
@@ -82,14 +91,22 @@ def receipt(receipt_id: str) -> Frame:
 
 
 def message(n: int, subscription: str) -> Frame:
-    return Frame("MESSAGE", (
-        ("destination", "/topic/lobby"), ("subscription", subscription), ("message-id", str(n)),
-        ("sender", "bob"), ("timestamp", "1700000000000"),
-    ), f"m{n}".encode())
+    return Frame(
+        "MESSAGE",
+        (
+            ("destination", "/topic/lobby"),
+            ("subscription", subscription),
+            ("message-id", str(n)),
+            ("sender", "bob"),
+            ("timestamp", "1700000000000"),
+        ),
+        f"m{n}".encode(),
+    )
 
 
-def raw_server(nursery: trio.Nursery, serve: Callable[[trio.abc.Stream], Awaitable[None]]
-               ) -> trio.abc.Stream:
+def raw_server(
+    nursery: trio.Nursery, serve: Callable[[trio.abc.Stream], Awaitable[None]]
+) -> trio.abc.Stream:
     """A memory stream whose far end `serve` handles; returns the client's end."""
     ours, theirs = trio.testing.memory_stream_pair()
     nursery.start_soon(serve, theirs)
@@ -200,8 +217,13 @@ async def test_an_error_mid_stream_fails_the_waiting_send(
         await fake.send(receipt(subscribe.receipt), message(1, subscribe.id))
         send = await fake.next_event()
         assert send.receipt is not None
-        await fake.send(Frame("ERROR", (("message", "forbidden"), ("receipt-id", send.receipt)),
-                              b"not in this room"))
+        await fake.send(
+            Frame(
+                "ERROR",
+                (("message", "forbidden"), ("receipt-id", send.receipt)),
+                b"not in this room",
+            )
+        )
         await fake.ws.aclose(1008)
 
     async with client_of(nursery, script) as client:

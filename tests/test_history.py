@@ -68,7 +68,9 @@ def test_offsets_start_at_one_per_topic() -> None:
     first = history.append(A, "alice", "text/plain", b"hi", (("x-k", "v"),), NOW)
     assert (first.destination, first.offset, first.sender, first.body) == (A, 1, "alice", b"hi")
     assert (first.content_type, first.headers, first.timestamp_ms) == (
-        "text/plain", (("x-k", "v"),), NOW
+        "text/plain",
+        (("x-k", "v"),),
+        NOW,
     )
     assert [m.offset for m in _publish(history, A, 2)] == [2, 3]
     assert [m.offset for m in _publish(history, B, 2)] == [1, 2]
@@ -389,7 +391,9 @@ def test_reopen_continues_offsets_with_same_epoch(db_path: Path) -> None:
     ]
     loaded = after.messages[0]
     assert (loaded.sender, loaded.content_type, loaded.timestamp_ms) == (
-        first.sender, first.content_type, first.timestamp_ms
+        first.sender,
+        first.content_type,
+        first.timestamp_ms,
     )
     assert (loaded.body, loaded.headers) == (body, headers)
     assert reopened.append(A, "bob", "t", b"", (), NOW).offset == 4

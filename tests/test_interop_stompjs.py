@@ -25,7 +25,9 @@ async def test_stompjs_connects_subscribes_publishes(start_server, pki: TestPki)
     server: RunningServer = await start_server(heartbeat=(1000, 1000))
     result = await trio.run_process(
         ["node", str(INTEROP / "stompjs_check.mjs"), str(pki.dir), str(server.port)],
-        capture_stdout=True, capture_stderr=True, check=False,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     out = result.stdout.decode()
     assert result.returncode == 0, out + result.stderr.decode()

@@ -53,8 +53,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _config(server_url: str, pki: TestPki, **overrides: object) -> LoadConfig:
     base = LoadConfig(
-        url=server_url, certs=pki.dir, ca=pki.ca, subscribers=5, publishers=1, topics=1,
-        rate=200.0, max_inflight=16, size=64, duration=0.8, warmup=0.2, server_pid=None,
+        url=server_url,
+        certs=pki.dir,
+        ca=pki.ca,
+        subscribers=5,
+        publishers=1,
+        topics=1,
+        rate=200.0,
+        max_inflight=16,
+        size=64,
+        duration=0.8,
+        warmup=0.2,
+        server_pid=None,
     )
     return replace(base, **overrides)
 
@@ -77,7 +87,8 @@ class PhaseWatch:
 def _baseline_module() -> ModuleType:
     """benchmarks/ is not a package: load the baseline server from its file."""
     spec = importlib.util.spec_from_file_location(
-        "baseline_server", ROOT / "benchmarks" / "baseline_server.py")
+        "baseline_server", ROOT / "benchmarks" / "baseline_server.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -101,9 +112,7 @@ async def test_every_message_reaches_every_subscriber(server: RunningServer, pki
     assert report.stalls == 0
 
 
-async def test_topics_split_subscribers_and_publishers(
-    server: RunningServer, pki: TestPki
-) -> None:
+async def test_topics_split_subscribers_and_publishers(server: RunningServer, pki: TestPki) -> None:
     # 6 subscribers over 3 topics: 2 each; 3 publishers, one per topic
     config = _config(server.ws_url, pki, subscribers=6, publishers=3, topics=3, rate=0.0)
     report = await run_load(config)
@@ -130,9 +139,18 @@ async def test_a_run_across_a_server_restart_loses_and_doubles_nothing(tmp_path:
     server, port, _ = await start_server_process(tmp_path, "--log-level", "warning")
     certs = tmp_path / "certs"
     config = LoadConfig(
-        url=f"wss://127.0.0.1:{port}/ws", certs=certs, ca=certs / "ca.crt", subscribers=4,
-        publishers=1, topics=1, rate=100.0, max_inflight=64, size=64, duration=3.0,
-        warmup=0.5, server_pid=None,
+        url=f"wss://127.0.0.1:{port}/ws",
+        certs=certs,
+        ca=certs / "ca.crt",
+        subscribers=4,
+        publishers=1,
+        topics=1,
+        rate=100.0,
+        max_inflight=64,
+        size=64,
+        duration=3.0,
+        warmup=0.5,
+        server_pid=None,
     )
     measuring = PhaseWatch("measuring")
     restarted = trio.Event()
@@ -144,7 +162,8 @@ async def test_a_run_across_a_server_restart_loses_and_doubles_nothing(tmp_path:
         with trio.fail_after(15):
             assert await server.wait() == 0
         server, _, _ = await start_server_process(
-            tmp_path, "--log-level", "warning", "--port", str(port))
+            tmp_path, "--log-level", "warning", "--port", str(port)
+        )
         restarted.set()
 
     try:
@@ -172,8 +191,16 @@ async def test_stalled_subscribers_are_evicted_and_others_lose_nothing(
 ) -> None:
     server = await start_server(outbound_buffer_bytes=512 * 1024)
     # healthy subscribers may owe at most 4 x 60 kB: well under the 512 kB limit
-    config = _config(server.ws_url, pki, subscribers=3, stalled=2, size=60000, rate=0.0,
-                     max_inflight=4, duration=1.5)
+    config = _config(
+        server.ws_url,
+        pki,
+        subscribers=3,
+        stalled=2,
+        size=60000,
+        rate=0.0,
+        max_inflight=4,
+        duration=1.5,
+    )
     report = await run_load(config)
     assert (report.stalled, report.evicted) == (2, 2)
     assert report.connections.dropped == 0, report.connections.first_error
@@ -204,22 +231,47 @@ async def test_unreachable_server_is_a_load_error(pki: TestPki) -> None:
 async def test_identities_option_takes_only_those_named(
     server: RunningServer, pki: TestPki
 ) -> None:
-    report = await run_load(_config(server.ws_url, pki, subscribers=2, duration=0.3,
-                                    identities=("carol",)))
+    report = await run_load(
+        _config(server.ws_url, pki, subscribers=2, duration=0.3, identities=("carol",))
+    )
     assert report.identities == ("carol",)
     assert report.delivered == report.expected == 2 * report.sent > 0
 
 
 async def test_cli_json_is_one_object(server: RunningServer, pki: TestPki) -> None:
     command = [
-        sys.executable, "-m", "chat.load.cli", "--url", server.ws_url, "--certs", str(pki.dir),
-        "--subscribers", "3", "--rate", "100", "--duration", "0.5", "--warmup", "0.1",
-        "--server-pid", str(os.getpid()), "--json",
+        sys.executable,
+        "-m",
+        "chat.load.cli",
+        "--url",
+        server.ws_url,
+        "--certs",
+        str(pki.dir),
+        "--subscribers",
+        "3",
+        "--rate",
+        "100",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.1",
+        "--server-pid",
+        str(os.getpid()),
+        "--json",
     ]
     done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, cwd=ROOT)
     report = json.loads(done.stdout)
-    assert set(report) >= {"connections", "sent", "expected", "delivered", "lost",
-                           "deliveries_per_s", "latency", "server_cpu", "harness_cpu"}
+    assert set(report) >= {
+        "connections",
+        "sent",
+        "expected",
+        "delivered",
+        "lost",
+        "deliveries_per_s",
+        "latency",
+        "server_cpu",
+        "harness_cpu",
+    }
     assert report["delivered"] == report["expected"] == 3 * report["sent"]
     assert set(report["latency"]) == {"samples", "p50_ms", "p99_ms", "p99_9_ms", "max_ms"}
     assert report["server_cpu"]["us_per_delivery"] > 0
@@ -231,13 +283,28 @@ async def test_progress_line_on_a_terminal_is_cleared_before_the_report(
     server: RunningServer, pki: TestPki
 ) -> None:
     command = [
-        sys.executable, "-m", "chat.load.cli", "--url", server.ws_url, "--certs", str(pki.dir),
-        "--subscribers", "2", "--rate", "50", "--duration", "1.2", "--warmup", "0.1", "--json",
+        sys.executable,
+        "-m",
+        "chat.load.cli",
+        "--url",
+        server.ws_url,
+        "--certs",
+        str(pki.dir),
+        "--subscribers",
+        "2",
+        "--rate",
+        "50",
+        "--duration",
+        "1.2",
+        "--warmup",
+        "0.1",
+        "--json",
     ]
     leader, follower = pty.openpty()
     try:
-        done = await trio.run_process(command, stdin=subprocess.DEVNULL, stderr=follower,
-                                      capture_stdout=True, cwd=ROOT)
+        done = await trio.run_process(
+            command, stdin=subprocess.DEVNULL, stderr=follower, capture_stdout=True, cwd=ROOT
+        )
         os.close(follower)
         shown = await trio.to_thread.run_sync(_read_all, leader)
     finally:
@@ -266,14 +333,17 @@ def _read_all(fd: int) -> str:
 # ---------------------------------------------------------------- usage errors: one line, exit 2
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--raw", "--publishers", "2"], "--raw needs"),
-    (["--topics", "5", "--subscribers", "4"], "--topics must be"),
-    (["--size", str(BODY_HEAD - 1)], "--size must be"),
-    (["--duration", "0"], "--duration must be"),
-    (["--server-pid", "999999999"], "--server-pid"),
-    (["--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--raw", "--publishers", "2"], "--raw needs"),
+        (["--topics", "5", "--subscribers", "4"], "--topics must be"),
+        (["--size", str(BODY_HEAD - 1)], "--size must be"),
+        (["--duration", "0"], "--duration must be"),
+        (["--server-pid", "999999999"], "--server-pid"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_bad_options_exit_2_with_one_line(
     argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -324,9 +394,7 @@ def test_a_named_identity_that_cannot_work_is_an_error(
     assert err.count("\n") == 1
 
 
-def test_load_contexts_keeps_the_usable_and_says_why_of_the_rest(
-    messy_certs: Path
-) -> None:
+def test_load_contexts_keeps_the_usable_and_says_why_of_the_rest(messy_certs: Path) -> None:
     files = find_identities(messy_certs)
     assert [f.name for f in files] == ["alice", "early", "locked", "mallory", "old"]
     usable, skipped = load_contexts(files, messy_certs / "ca.crt", messy_certs / "ca.crt")
@@ -361,8 +429,12 @@ def messy_certs(tmp_path: Path, pki: TestPki) -> Path:
 
 
 def _client_cert(
-    directory: Path, name: str, ca_key: object, ca_cert: x509.Certificate,
-    start: datetime, end: datetime,
+    directory: Path,
+    name: str,
+    ca_key: object,
+    ca_cert: x509.Certificate,
+    start: datetime,
+    end: datetime,
 ) -> None:
     """A client certificate valid from `start` to `end` (chat-certs never makes these)."""
     key = pki_module.generate_key()
@@ -393,7 +465,11 @@ def test_latency_percentiles_are_nearest_rank() -> None:
     samples = array("q", (ms * 1_000_000 for ms in range(1000, 0, -1)))  # 1..1000 ms
     latency = Latency.of(samples)
     assert (latency.p50_ms, latency.p99_ms, latency.p99_9_ms, latency.max_ms) == (
-        500.0, 990.0, 999.0, 1000.0)
+        500.0,
+        990.0,
+        999.0,
+        1000.0,
+    )
     assert Latency.of(array("q")).p50_ms is None
 
 
@@ -494,11 +570,14 @@ def test_a_shared_token_is_renewed_before_it_can_expire(lifetime: int) -> None:
 def test_progress_line_rendering() -> None:
     first = Sample(at=10.0, phase="connecting", connected=3, requested=101, sent=0, delivered=0)
     assert render(None, first) == (
-        "\r\x1b[2Kchat-load: connecting  connected 3/101  sent -/s  delivered -/s")
-    later = Sample(at=12.0, phase="measuring", connected=101, requested=101, sent=400,
-                   delivered=40_000)
+        "\r\x1b[2Kchat-load: connecting  connected 3/101  sent -/s  delivered -/s"
+    )
+    later = Sample(
+        at=12.0, phase="measuring", connected=101, requested=101, sent=400, delivered=40_000
+    )
     assert render(first, later) == (
-        "\r\x1b[2Kchat-load: measuring  connected 101/101  sent 200/s  delivered 20,000/s")
+        "\r\x1b[2Kchat-load: measuring  connected 101/101  sent 200/s  delivered 20,000/s"
+    )
 
 
 def test_progress_line_rewrites_itself_and_clears() -> None:
@@ -510,6 +589,7 @@ def test_progress_line_rewrites_itself_and_clears() -> None:
     line.show(first)
     line.show(Sample(2.0, "measuring", 2, 2, 20, 30))
     line.clear()
-    assert out.getvalue() == (render(None, first) + render(first, Sample(2.0, "measuring", 2, 2,
-                              20, 30)) + ERASE_LINE)
+    assert out.getvalue() == (
+        render(None, first) + render(first, Sample(2.0, "measuring", 2, 2, 20, 30)) + ERASE_LINE
+    )
     assert "\n" not in out.getvalue()

@@ -33,17 +33,29 @@ from tests.test_stomp import chunkings
 CONNECT = Frame(
     "CONNECT", (("accept-version", "1.2"), ("host", "chat"), ("heart-beat", "1000,2000"))
 )
-CONNECTED = Frame("CONNECTED", (
-    ("version", "1.2"), ("heart-beat", "3000,500"), ("session", "s1"), ("server", "chat/0.1"),
-    ("user-name", "alice"),
-))
+CONNECTED = Frame(
+    "CONNECTED",
+    (
+        ("version", "1.2"),
+        ("heart-beat", "3000,500"),
+        ("session", "s1"),
+        ("server", "chat/0.1"),
+        ("user-name", "alice"),
+    ),
+)
 
 
 def message(n: int, subscription: str = "sub-1") -> Frame:
-    return Frame("MESSAGE", (
-        ("destination", "/topic/lobby"), ("subscription", subscription), ("message-id", str(n)),
-        ("content-length", "3"),
-    ), b"m\0" + str(n % 10).encode())
+    return Frame(
+        "MESSAGE",
+        (
+            ("destination", "/topic/lobby"),
+            ("subscription", subscription),
+            ("message-id", str(n)),
+            ("content-length", "3"),
+        ),
+        b"m\0" + str(n % 10).encode(),
+    )
 
 
 def receipt(receipt_id: str) -> Frame:
@@ -83,11 +95,17 @@ def connected_server() -> StompConnection:
 
 # ---------------------------------------------------------------- a whole session, each role
 
-SERVER_STREAM = b"".join([
-    encode(CONNECTED), b"\n\n",  # heart-beats between frames
-    encode(receipt("r-1")), encode(message(1)), b"\r\n", encode(message(2)),
-    encode(receipt("r-2")),
-])
+SERVER_STREAM = b"".join(
+    [
+        encode(CONNECTED),
+        b"\n\n",  # heart-beats between frames
+        encode(receipt("r-1")),
+        encode(message(1)),
+        b"\r\n",
+        encode(message(2)),
+        encode(receipt("r-2")),
+    ]
+)
 
 
 def test_client_role_session_events() -> None:
@@ -98,12 +116,14 @@ def test_client_role_session_events() -> None:
     first = client.next_event()
     assert first == events.Connected(CONNECTED, "1.2", "s1", "chat/0.1", "alice", (1000, 3000))
     assert client.state is State.CONNECTED
-    client.send(Frame("SUBSCRIBE", (("destination", "/topic/lobby"), ("id", "sub-1"),
-                                    ("receipt", "r-1"))), 0.0)
+    client.send(
+        Frame("SUBSCRIBE", (("destination", "/topic/lobby"), ("id", "sub-1"), ("receipt", "r-1"))),
+        0.0,
+    )
     client.send(Frame("DISCONNECT", (("receipt", "r-2"),)), 0.0)
     assert client.state is State.CLOSING
     assert client.pending_receipts == {"r-1": "SUBSCRIBE", "r-2": "DISCONNECT"}
-    rest = feed(client, [SERVER_STREAM[len(encode(CONNECTED)):]])
+    rest = feed(client, [SERVER_STREAM[len(encode(CONNECTED)) :]])
     assert rest == [
         events.Receipt(receipt("r-1"), "r-1", "SUBSCRIBE"),
         events.Message(message(1), "/topic/lobby", "sub-1", "1"),
@@ -127,34 +147,54 @@ def test_client_role_any_split(chunks: list[bytes]) -> None:
         while (event := client.next_event()) is not None:
             got.append(event)
             if not asked:  # ask for the receipts the server will send, once connected
-                client.send(Frame("SUBSCRIBE", (("destination", "/topic/lobby"),
-                                                ("id", "sub-1"), ("receipt", "r-1"))), 0.0)
-                client.send(Frame("SEND", (("destination", "/topic/lobby"),
-                                           ("receipt", "r-2")), b"x"), 0.0)
+                client.send(
+                    Frame(
+                        "SUBSCRIBE",
+                        (("destination", "/topic/lobby"), ("id", "sub-1"), ("receipt", "r-1")),
+                    ),
+                    0.0,
+                )
+                client.send(
+                    Frame("SEND", (("destination", "/topic/lobby"), ("receipt", "r-2")), b"x"), 0.0
+                )
                 asked = True
     assert [type(event) for event in got] == [
-        events.Connected, events.Receipt, events.Message, events.Message, events.Receipt,
+        events.Connected,
+        events.Receipt,
+        events.Message,
+        events.Message,
+        events.Receipt,
     ]
     assert [event.frame for event in got[1:]] == [
-        receipt("r-1"), message(1), message(2), receipt("r-2"),
+        receipt("r-1"),
+        message(1),
+        message(2),
+        receipt("r-2"),
     ]
     assert client.state is State.CONNECTED  # and the partial MESSAGE is still buffered
     client.receive_data(b"scription:sub-1\nmessage-id:9\n\n\0", 0.0)
     assert client.next_event() == events.Message(
-        Frame("MESSAGE", (("destination", "/topic/lobby"), ("subscription", "sub-1"),
-                          ("message-id", "9"))), "/topic/lobby", "sub-1", "9",
+        Frame(
+            "MESSAGE",
+            (("destination", "/topic/lobby"), ("subscription", "sub-1"), ("message-id", "9")),
+        ),
+        "/topic/lobby",
+        "sub-1",
+        "9",
     )
 
 
-CLIENT_STREAM = b"".join([
-    encode(CONNECT),
-    encode(Frame("SUBSCRIBE", (("destination", "/topic/a.*"), ("id", "0"), ("receipt", "r")))),
-    b"\n",
-    encode(Frame("SEND", (("destination", "/topic/a.b"), ("content-length", "2")), b"\0\0")),
-    encode(Frame("UNSUBSCRIBE", (("id", "0"),))),
-    encode(Frame("ACK", (("id", "x"),))),
-    encode(Frame("DISCONNECT", (("receipt", "bye"),))),
-])
+CLIENT_STREAM = b"".join(
+    [
+        encode(CONNECT),
+        encode(Frame("SUBSCRIBE", (("destination", "/topic/a.*"), ("id", "0"), ("receipt", "r")))),
+        b"\n",
+        encode(Frame("SEND", (("destination", "/topic/a.b"), ("content-length", "2")), b"\0\0")),
+        encode(Frame("UNSUBSCRIBE", (("id", "0"),))),
+        encode(Frame("ACK", (("id", "x"),))),
+        encode(Frame("DISCONNECT", (("receipt", "bye"),))),
+    ]
+)
 
 
 @pytest.mark.parametrize("chunks", list(chunkings(CLIENT_STREAM)))
@@ -206,10 +246,13 @@ def test_version_negotiation() -> None:
 # ---------------------------------------------------------------- the state table
 
 
-@pytest.mark.parametrize(("frame", "error", "message"), [
-    (Frame("SEND", (("destination", "/topic/a"),)), NotConnected, "not connected"),
-    (Frame("DISCONNECT"), NotConnected, "not connected"),
-])
+@pytest.mark.parametrize(
+    ("frame", "error", "message"),
+    [
+        (Frame("SEND", (("destination", "/topic/a"),)), NotConnected, "not connected"),
+        (Frame("DISCONNECT"), NotConnected, "not connected"),
+    ],
+)
 def test_server_refuses_frames_before_connect(frame: Frame, error: type, message: str) -> None:
     server = StompConnection(Role.SERVER)
     server.receive_data(encode(frame), 0.0)
@@ -238,12 +281,19 @@ def test_server_must_answer_connect_before_reading_on() -> None:
         server.next_event()
 
 
-@pytest.mark.parametrize(("sent", "stream", "said"), [
-    ((), encode(message(1)), "unexpected MESSAGE before CONNECT"),
-    ((CONNECT,), encode(message(1)), "expected CONNECTED, got MESSAGE"),
-    ((CONNECT,), encode(CONNECTED) + encode(CONNECTED), "unexpected CONNECTED after CONNECTED"),
-    ((CONNECT,), encode(CONNECTED) + encode(receipt("r-9")), "RECEIPT for 'r-9', which was never"),
-])
+@pytest.mark.parametrize(
+    ("sent", "stream", "said"),
+    [
+        ((), encode(message(1)), "unexpected MESSAGE before CONNECT"),
+        ((CONNECT,), encode(message(1)), "expected CONNECTED, got MESSAGE"),
+        ((CONNECT,), encode(CONNECTED) + encode(CONNECTED), "unexpected CONNECTED after CONNECTED"),
+        (
+            (CONNECT,),
+            encode(CONNECTED) + encode(receipt("r-9")),
+            "RECEIPT for 'r-9', which was never",
+        ),
+    ],
+)
 def test_client_refuses_frames_out_of_place(sent: tuple, stream: bytes, said: str) -> None:
     client = StompConnection(Role.CLIENT)
     for frame in sent:
@@ -255,13 +305,19 @@ def test_client_refuses_frames_out_of_place(sent: tuple, stream: bytes, said: st
     assert client.state is State.ERROR
 
 
-@pytest.mark.parametrize(("role", "sent", "frame"), [
-    (Role.CLIENT, (), Frame("SEND", (("destination", "/topic/a"),))),
-    (Role.CLIENT, (CONNECT,), CONNECT),  # CONNECT twice
-    (Role.CLIENT, (), CONNECTED),  # a server's frame
-    (Role.SERVER, (), Frame("MESSAGE", (("destination", "/a"), ("subscription", "1"),
-                                        ("message-id", "1")))),
-])
+@pytest.mark.parametrize(
+    ("role", "sent", "frame"),
+    [
+        (Role.CLIENT, (), Frame("SEND", (("destination", "/topic/a"),))),
+        (Role.CLIENT, (CONNECT,), CONNECT),  # CONNECT twice
+        (Role.CLIENT, (), CONNECTED),  # a server's frame
+        (
+            Role.SERVER,
+            (),
+            Frame("MESSAGE", (("destination", "/a"), ("subscription", "1"), ("message-id", "1"))),
+        ),
+    ],
+)
 def test_local_frames_out_of_place(role: Role, sent: tuple, frame: Frame) -> None:
     conn = StompConnection(role)
     for earlier in sent:
@@ -277,12 +333,15 @@ def test_local_frames_need_their_headers() -> None:
         client.send(Frame("SUBSCRIBE", (("destination", "/topic/a"),)), 0.0)
 
 
-@pytest.mark.parametrize(("frame", "missing"), [
-    (Frame("SUBSCRIBE", (("id", "1"),)), "destination"),
-    (Frame("SUBSCRIBE", (("destination", "/topic/a"),)), "id"),
-    (Frame("SEND"), "destination"),
-    (Frame("UNSUBSCRIBE"), "id"),
-])
+@pytest.mark.parametrize(
+    ("frame", "missing"),
+    [
+        (Frame("SUBSCRIBE", (("id", "1"),)), "destination"),
+        (Frame("SUBSCRIBE", (("destination", "/topic/a"),)), "id"),
+        (Frame("SEND"), "destination"),
+        (Frame("UNSUBSCRIBE"), "id"),
+    ],
+)
 def test_server_role_required_headers(frame: Frame, missing: str) -> None:
     server = connected_server()
     server.receive_data(encode(frame), 0.0)
@@ -363,16 +422,21 @@ def test_frame_over_the_limit() -> None:
 
 def test_error_fails_the_receipt_it_names_mid_stream() -> None:
     client = connected_client()
-    client.send(Frame("SUBSCRIBE", (("destination", "/topic/a"), ("id", "1"),
-                                    ("receipt", "r-1"))), 0.0)
+    client.send(
+        Frame("SUBSCRIBE", (("destination", "/topic/a"), ("id", "1"), ("receipt", "r-1"))), 0.0
+    )
     client.send(Frame("SEND", (("destination", "/topic/bad..name"), ("receipt", "r-2"))), 0.0)
-    error = Frame("ERROR", (("message", "invalid destination"), ("receipt-id", "r-2")),
-                  b"not a topic\nsecond line")
+    error = Frame(
+        "ERROR",
+        (("message", "invalid destination"), ("receipt-id", "r-2")),
+        b"not a topic\nsecond line",
+    )
     stream = encode(receipt("r-1")) + encode(message(1, "1")) + encode(error) + encode(message(2))
     for chunks in chunkings(stream):
         conn = connected_client()
-        conn.send(Frame("SUBSCRIBE", (("destination", "/topic/a"), ("id", "1"),
-                                      ("receipt", "r-1"))), 0.0)
+        conn.send(
+            Frame("SUBSCRIBE", (("destination", "/topic/a"), ("id", "1"), ("receipt", "r-1"))), 0.0
+        )
         conn.send(Frame("SEND", (("destination", "/topic/bad..name"), ("receipt", "r-2"))), 0.0)
         got: list[events.Event] = []
         with pytest.raises(MalformedFrame, match="unexpected MESSAGE after the session ended"):
@@ -501,8 +565,9 @@ def test_the_frame_that_broke_the_protocol_is_named() -> None:
 def test_ack_mode_as_sent() -> None:
     server = connected_server()
     server.receive_data(encode(Frame("SUBSCRIBE", (("destination", "/a"), ("id", "1")))), 0.0)
-    server.receive_data(encode(Frame("SUBSCRIBE", (("destination", "/a"), ("id", "2"),
-                                                   ("ack", "")))), 0.0)
+    server.receive_data(
+        encode(Frame("SUBSCRIBE", (("destination", "/a"), ("id", "2"), ("ack", "")))), 0.0
+    )
     assert [event.ack for event in drain(server)] == ["auto", ""]  # type: ignore[attr-defined]
 
 

@@ -314,8 +314,18 @@ async def test_quiet_room_keeps_its_epoch_across_a_crash(tmp_path) -> None:
 @pytest.mark.parametrize(
     "bad",
     ["-1", "x", "1.5", "", " 1", "+1", "\u00b2", "\u0663", "1" * 19, "9" * 5000],
-    ids=["negative", "word", "decimal", "empty", "space", "plus", "superscript", "arabic-indic",
-         "19-digits", "5000-digits"],
+    ids=[
+        "negative",
+        "word",
+        "decimal",
+        "empty",
+        "space",
+        "plus",
+        "superscript",
+        "arabic-indic",
+        "19-digits",
+        "5000-digits",
+    ],
 )
 async def test_invalid_replay_count(server, pki: TestPki, header: str, bad: str) -> None:
     async with stomp_peer(server, pki, "alice") as alice:
@@ -488,14 +498,22 @@ async def test_last_delivers_the_latest_retained_then_live(server, pki: TestPki)
         none = await subscribe(alice, "/topic/l", "0", last="0")
         live = await publish(alice, "/topic/l", [b"m6"])
     assert [(f.get("subscription"), f.body) for f in replayed] == [
-        ("3", b"m3"), ("3", b"m4"), ("3", b"m5"),
-        ("9", b"m1"), ("9", b"m2"), ("9", b"m3"), ("9", b"m4"), ("9", b"m5"),
+        ("3", b"m3"),
+        ("3", b"m4"),
+        ("3", b"m5"),
+        ("9", b"m1"),
+        ("9", b"m2"),
+        ("9", b"m3"),
+        ("9", b"m4"),
+        ("9", b"m5"),
     ]
     for got in (receipt, none):
         assert (got.command, got.get("offset"), got.get("recovered")) == ("RECEIPT", "5", None)
         assert got.get("epoch") == replayed[0].get("epoch")
     assert sorted((f.get("subscription"), f.get("offset")) for f in live) == [
-        ("0", "6"), ("3", "6"), ("9", "6")
+        ("0", "6"),
+        ("3", "6"),
+        ("9", "6"),
     ]
 
 

@@ -93,8 +93,9 @@ async def beats_and_frames(peer: StompPeer, beats: int, frames: int) -> list[Fra
             if message == "\n":
                 beats -= 1
             else:
-                received.extend(parser.feed(message.encode() if isinstance(message, str)
-                                            else message))
+                received.extend(
+                    parser.feed(message.encode() if isinstance(message, str) else message)
+                )
     return received
 
 
@@ -161,8 +162,9 @@ async def test_a_key_reload_waits_for_the_key_lock_while_tokens_and_traffic_flow
             token = await token_for(server, pki, "carol")  # signed with the keys in memory
             async with raw_ws(server, pki, "carol", token=token) as ws:
                 assert ws.subprotocol == "v12.stomp"
-            jwks = await http_request(server, pki.client_context("carol"), "GET",
-                                      "/.well-known/jwks.json")
+            jwks = await http_request(
+                server, pki.client_context("carol"), "GET", "/.well-known/jwks.json"
+            )
             assert jwks.status == 200 and jwks.json()["keys"]
             assert not reload.finished.is_set()
             release()

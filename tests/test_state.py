@@ -41,7 +41,11 @@ def _claims(sub: str = "alice", jti: str = "j1", exp: int = int(NOW) + 300) -> C
 
 
 def _rotate_refused(
-    state: StateStore, token: str, kind: type[HttpRefusal], sub: str = "alice", x5t: str = X5T,
+    state: StateStore,
+    token: str,
+    kind: type[HttpRefusal],
+    sub: str = "alice",
+    x5t: str = X5T,
     now: float = NOW,
 ) -> HttpRefusal:
     with pytest.raises(HttpRefusal) as caught:

@@ -122,7 +122,7 @@ class Terminal:
 
 def wrapped(text: str, columns: int) -> list[str]:
     """`text` as a screen of `columns` wraps it (trailing blanks are not seen)."""
-    return [text[i:i + columns].rstrip() for i in range(0, len(text), columns)]
+    return [text[i : i + columns].rstrip() for i in range(0, len(text), columns)]
 
 
 # ---------------------------------------------------------------- a peer to talk to
@@ -156,8 +156,7 @@ class FakeLink:
     async def send(self, destination: str, body: str, *, queued_at: float) -> None:
         while not self.online:
             if self._gave_up:
-                raise NotDelivered("not connected for 30 s; it was not sent",
-                                   maybe_delivered=False)
+                raise NotDelivered("not connected for 30 s; it was not sent", maybe_delivered=False)
             await self._changed.wait()
         self.sent.append((destination, body))
         self.deliver(destination, self.user_name, body)
@@ -173,13 +172,28 @@ class FakeLink:
 
     # the test's side
 
-    def deliver(self, destination: str, sender: str, text: str, *,
-                timestamp: int = TODAY_9AM, history: bool = False) -> None:
+    def deliver(
+        self,
+        destination: str,
+        sender: str,
+        text: str,
+        *,
+        timestamp: int = TODAY_9AM,
+        history: bool = False,
+    ) -> None:
         message_id = f"m{next(self._ids)}"
-        self._events_in.send_nowait(Message(
-            destination, "sub-1", message_id, sender, timestamp, text.encode(), (),
-            history=history,
-        ))
+        self._events_in.send_nowait(
+            Message(
+                destination,
+                "sub-1",
+                message_id,
+                sender,
+                timestamp,
+                text.encode(),
+                (),
+                history=history,
+            )
+        )
 
     def go_offline(self) -> None:
         self.online = False
@@ -269,23 +283,41 @@ async def test_a_message_while_a_long_line_is_typed_then_resizes(tmp_path: Path)
     async with chatting(link, terminal, tmp_path / "h") as chat:
         chat.keys.send_text(typed)
         prompt = "[lobby] > " + typed
-        await terminal.shows(layout(
-            10, [*wrapped(welcome, 40), "* joined lobby"], wrapped(prompt, 40),
-            "connected as alice",
-        ))
+        await terminal.shows(
+            layout(
+                10,
+                [*wrapped(welcome, 40), "* joined lobby"],
+                wrapped(prompt, 40),
+                "connected as alice",
+            )
+        )
         link.deliver("/topic/lobby", "bob", "hi alice")
-        await terminal.shows(layout(
-            10, [*wrapped(welcome, 40), "* joined lobby", message], wrapped(prompt, 40),
-            "connected as alice",
-        ))
+        await terminal.shows(
+            layout(
+                10,
+                [*wrapped(welcome, 40), "* joined lobby", message],
+                wrapped(prompt, 40),
+                "connected as alice",
+            )
+        )
         chat.resize(60, 12)
-        await terminal.shows(layout(
-            12, [welcome, "* joined lobby", message], wrapped(prompt, 60), "connected as alice",
-        ))
+        await terminal.shows(
+            layout(
+                12,
+                [welcome, "* joined lobby", message],
+                wrapped(prompt, 60),
+                "connected as alice",
+            )
+        )
         chat.resize(30, 8)  # narrower: the conversation keeps its newest rows in view
-        await terminal.shows(layout(
-            8, ["* joined lobby", message], wrapped(prompt, 30), "connected as alice",
-        ))
+        await terminal.shows(
+            layout(
+                8,
+                ["* joined lobby", message],
+                wrapped(prompt, 30),
+                "connected as alice",
+            )
+        )
         chat.keys.send_text("!\r")  # the typed line was intact all along
         await terminal.has("09:08:33 [lobby] alice: a long")
     assert link.sent == [("/topic/lobby", typed + "!")]
@@ -305,8 +337,13 @@ async def test_lines_typed_offline_are_pending_then_sent_in_order(tmp_path: Path
         link.go_offline()
         await terminal.has(OFFLINE)
         chat.keys.send_text("one\rtwo\r/rooms\r")  # the commands still answer meanwhile
-        waiting = [WELCOME, "* joined lobby", PENDING + "one", PENDING + "two",
-                   "* rooms: lobby (current)"]
+        waiting = [
+            WELCOME,
+            "* joined lobby",
+            PENDING + "one",
+            PENDING + "two",
+            "* rooms: lobby (current)",
+        ]
         await terminal.shows(layout(12, waiting, ["[lobby] >"], OFFLINE))
         assert link.sent == []
         pending = terminal.char(*terminal.find(PENDING + "one"))
@@ -390,9 +427,14 @@ async def test_own_message_is_shown_once_and_marked(tmp_path: Path) -> None:
     async with chatting(link, terminal, tmp_path / "h") as chat:
         chat.keys.send_text("hello\r")
         mine = "09:08:33 [lobby] alice: hello"
-        await terminal.shows(layout(
-            10, [WELCOME, "* joined lobby", mine], ["[lobby] >"], "connected as alice",
-        ))
+        await terminal.shows(
+            layout(
+                10,
+                [WELCOME, "* joined lobby", mine],
+                ["[lobby] >"],
+                "connected as alice",
+            )
+        )
         link.deliver("/topic/lobby", "bob", "hi")
         await terminal.has("09:08:33 [lobby] bob: hi")
         row, column = terminal.find("alice: hello")
@@ -533,8 +575,9 @@ async def test_an_unusable_history_file_degrades_to_memory(tmp_path: Path) -> No
 
 def styles(terminal: Terminal, row: int) -> set[tuple[str, bool]]:
     """The (colour, italics) of the characters shown in `row`."""
-    return {(char.fg, char.italics) for char in terminal.screen.buffer[row].values()
-            if char.data != " "}
+    return {
+        (char.fg, char.italics) for char in terminal.screen.buffer[row].values() if char.data != " "
+    }
 
 
 async def test_join_shows_the_room_history_marked_then_live_messages(tmp_path: Path) -> None:
@@ -558,7 +601,9 @@ async def test_join_shows_the_room_history_marked_then_live_messages(tmp_path: P
         chat.keys.send_text("/join dev.*\r")
         await terminal.has("* joined dev.*")
     assert link.subscribed == [
-        ("/topic/lobby", {"last": 20}), ("/topic/dev", {"last": 20}), ("/topic/dev.*", {}),
+        ("/topic/lobby", {"last": 20}),
+        ("/topic/dev", {"last": 20}),
+        ("/topic/dev.*", {}),
     ]
 
 

@@ -60,8 +60,16 @@ def _b64json(value: object) -> str:
 
 def _payload(**changes: Any) -> dict[str, Any]:
     """Claims exactly like ours, with some replaced (None drops the claim)."""
-    base = {"iss": "chat", "aud": AUDIENCE, "sub": "alice", "iat": int(NOW), "nbf": int(NOW),
-            "exp": int(NOW) + 300, "jti": "j1", "cnf": {"x5t#S256": X5T}}
+    base = {
+        "iss": "chat",
+        "aud": AUDIENCE,
+        "sub": "alice",
+        "iat": int(NOW),
+        "nbf": int(NOW),
+        "exp": int(NOW) + 300,
+        "jti": "j1",
+        "cnf": {"x5t#S256": X5T},
+    }
     base.update(changes)
     return {name: value for name, value in base.items() if value is not None}
 
@@ -121,8 +129,14 @@ def test_claims_and_header_are_exactly_protocol_section_3(
     payload = jwt.decode(token, options={"verify_signature": False})
     assert header == {"alg": "ES256", "kid": store.active_kid, "typ": "JWT"}
     assert payload == {
-        "iss": "chat", "aud": "chat", "sub": "alice", "iat": int(NOW), "nbf": int(NOW),
-        "exp": int(NOW) + 300, "jti": claims.jti, "cnf": {"x5t#S256": X5T},
+        "iss": "chat",
+        "aud": "chat",
+        "sub": "alice",
+        "iat": int(NOW),
+        "nbf": int(NOW),
+        "exp": int(NOW) + 300,
+        "jti": claims.jti,
+        "cnf": {"x5t#S256": X5T},
     }
 
 
@@ -157,14 +171,19 @@ def test_authority_refuses_a_policy_that_cannot_verify_its_own_key(store: KeySto
 
 def test_kid_is_the_rfc7638_thumbprint() -> None:
     # RFC 7638 §3.1 worked example.
-    key = RSAAlgorithm.from_jwk({
-        "kty": "RSA", "e": "AQAB", "alg": "RS256", "kid": "2011-04-29",
-        "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSo"
-             "c_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65Y"
-             "GjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrd"
-             "kt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKn"
-             "qDKgw",
-    })
+    key = RSAAlgorithm.from_jwk(
+        {
+            "kty": "RSA",
+            "e": "AQAB",
+            "alg": "RS256",
+            "kid": "2011-04-29",
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR"
+            "1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65Y"
+            "GjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrd"
+            "kt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKn"
+            "qDKgw",
+        }
+    )
     assert jwk_thumbprint(key) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
 
@@ -328,7 +347,8 @@ def test_verify_uses_the_given_time_not_the_clock(authority: TokenAuthority) -> 
 
 
 @pytest.mark.parametrize(
-    "claim", ["sub", "jti", "iat", "nbf", "exp", "cnf"],
+    "claim",
+    ["sub", "jti", "iat", "nbf", "exp", "cnf"],
 )
 def test_every_required_claim_is_required(
     authority: TokenAuthority, store: KeyStore, claim: str
@@ -339,8 +359,15 @@ def test_every_required_claim_is_required(
 @pytest.mark.parametrize(
     "changes",
     [
-        {"cnf": {"x5t": X5T}}, {"cnf": "x"}, {"sub": 7}, {"sub": ""}, {"jti": 3},
-        {"exp": "soon"}, {"iat": True}, {"exp": float("inf")}, {"nbf": float("nan")},
+        {"cnf": {"x5t": X5T}},
+        {"cnf": "x"},
+        {"sub": 7},
+        {"sub": ""},
+        {"jti": 3},
+        {"exp": "soon"},
+        {"iat": True},
+        {"exp": float("inf")},
+        {"nbf": float("nan")},
     ],
 )
 def test_claims_of_the_wrong_shape_are_refused(
@@ -359,7 +386,12 @@ def test_oversized_token_is_refused_before_parsing(
 @pytest.mark.parametrize(
     "token",
     [
-        "", "abc", "a.b", "a.b.c.d", "!!!.###.$$$", "é.é.é",
+        "",
+        "abc",
+        "a.b",
+        "a.b.c.d",
+        "!!!.###.$$$",
+        "é.é.é",
         f"{base64url_encode(b'not json').decode()}.{_b64json({})}.sig",
         f"{_b64json(['a', 'list'])}.{_b64json({})}.sig",
         f"{_b64json({'alg': 'ES256', 'kid': 'k'})}.{base64url_encode(b'[1]').decode()}.sig",
@@ -370,9 +402,7 @@ def test_garbage_is_an_invalid_token(authority: TokenAuthority, token: str) -> N
     _refused(authority, token, InvalidToken)
 
 
-def test_tampered_payload_fails_the_signature(
-    authority: TokenAuthority, store: KeyStore
-) -> None:
+def test_tampered_payload_fails_the_signature(authority: TokenAuthority, store: KeyStore) -> None:
     header, _, signature = _signed(store).split(".")
     token = f"{header}.{_b64json(_payload(sub='mallory'))}.{signature}"
     assert "signature" in _refused(authority, token, InvalidToken).detail
@@ -383,8 +413,9 @@ def test_another_key_with_our_kid_forged_is_refused(
 ) -> None:
     attacker = KeyStore.open(tmp_path / "attacker")
     _, attacker_key = attacker.signing_key()
-    token = jwt.encode(_payload(), attacker_key, algorithm="ES256",
-                       headers={"kid": store.active_kid})
+    token = jwt.encode(
+        _payload(), attacker_key, algorithm="ES256", headers={"kid": store.active_kid}
+    )
     assert "signature" in _refused(authority, token, InvalidToken).detail
 
 

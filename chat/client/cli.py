@@ -173,56 +173,78 @@ def _build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--cert", type=Path, required=True, metavar="FILE",
+        "--cert",
+        type=Path,
+        required=True,
+        metavar="FILE",
         help="your client certificate (its CN is your name), e.g. certs/alice.crt",
     )
     parser.add_argument(
-        "--key", type=Path, metavar="FILE",
+        "--key",
+        type=Path,
+        metavar="FILE",
         help="its private key (default: the certificate's name with .key, beside it)",
     )
     parser.add_argument(
-        "--ca", type=Path, metavar="FILE",
+        "--ca",
+        type=Path,
+        metavar="FILE",
         help="the CA certificate that signed the server's (default: ca.crt beside --cert)",
     )
     add_passphrase_option(
         parser, "the key is encrypted: its passphrase is in environment variable VAR"
     )
     parser.add_argument(
-        "--token-file", type=Path, metavar="FILE",
+        "--token-file",
+        type=Path,
+        metavar="FILE",
         help="where to keep the refresh token between runs, owner-only (default: the "
         "certificate's name with .refresh, beside it)",
     )
     parser.add_argument(
-        "--url", default=DEFAULT_URL, metavar="URL",
+        "--url",
+        default=DEFAULT_URL,
+        metavar="URL",
         help="the server's STOMP endpoint; tokens come from https:// on the same host and "
         f"port (default: {DEFAULT_URL})",
     )
     parser.add_argument(
-        "--room", default=DEFAULT_ROOM,
+        "--room",
+        default=DEFAULT_ROOM,
         help=f"the room to join at start, interactive mode (default: {DEFAULT_ROOM})",
     )
     parser.add_argument(
-        "--heartbeat", type=_non_negative, default=DEFAULT_HEARTBEAT_MS, metavar="MS",
+        "--heartbeat",
+        type=_non_negative,
+        default=DEFAULT_HEARTBEAT_MS,
+        metavar="MS",
         help="STOMP heart-beat interval offered both ways, in ms; a server silent for twice "
         "the agreed interval is taken for dead and reconnected to; 0 turns them off "
         f"(default: {DEFAULT_HEARTBEAT_MS})",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
-        "--send", nargs=2, metavar=("ROOM", "TEXT"),
+        "--send",
+        nargs=2,
+        metavar=("ROOM", "TEXT"),
         help="send TEXT to ROOM, wait until the server has stored it, and exit",
     )
     mode.add_argument(
-        "--listen", metavar="ROOM",
+        "--listen",
+        metavar="ROOM",
         help="print the messages arriving in ROOM (wildcards allowed) until Ctrl-C",
     )
     parser.add_argument(
-        "--json", action="store_true",
+        "--json",
+        action="store_true",
         help="with --listen: one JSON object per message (room, sender, timestamp, body, "
         "destination, message_id)",
     )
     parser.add_argument(
-        "--count", type=_positive, metavar="N", help="with --listen: exit after N messages",
+        "--count",
+        type=_positive,
+        metavar="N",
+        help="with --listen: exit after N messages",
     )
     return parser
 
@@ -318,8 +340,13 @@ async def _connected(options: Options, interrupts: _Interrupts) -> None:
             await _send(options, interrupts, heartbeat, notices, *options.send)
             return
         async with open_session(
-            options.url, options.cert, options.key, options.ca,
-            passphrase=options.passphrase, token_file=options.token_file, on_notice=notices,
+            options.url,
+            options.cert,
+            options.key,
+            options.ca,
+            passphrase=options.passphrase,
+            token_file=options.token_file,
+            on_notice=notices,
             heartbeat=heartbeat,
         ) as session:
             with interrupts.stoppable():
@@ -337,9 +364,15 @@ async def _send(
     """One-shot: connect (retrying an unreachable server a few times), send, wait for the
     RECEIPT that says the server stored it."""
     async with open_chat(
-        options.url, options.cert, options.key, options.ca,
-        passphrase=options.passphrase, token_file=options.token_file, on_notice=notices,
-        heartbeat=heartbeat, attempts=SEND_ATTEMPTS,
+        options.url,
+        options.cert,
+        options.key,
+        options.ca,
+        passphrase=options.passphrase,
+        token_file=options.token_file,
+        on_notice=notices,
+        heartbeat=heartbeat,
+        attempts=SEND_ATTEMPTS,
     ) as client:
         with interrupts.stoppable():
             await client.send(room_destination(room, wildcards=False), text)
@@ -357,9 +390,7 @@ async def _mode(options: Options, session: ResilientSession, notices: _Notices) 
             notices.console = None
 
 
-async def _listen(
-    session: ResilientSession, room: str, as_json: bool, count: int | None
-) -> None:
+async def _listen(session: ResilientSession, room: str, as_json: bool, count: int | None) -> None:
     """Print each message in `room` (one JSON object per line with `as_json`), flushed;
     status lines (reconnecting, back online) go to stderr."""
     await session.subscribe(room_destination(room, wildcards=True))
@@ -389,14 +420,17 @@ def _print(line: str) -> bool:
 
 
 def _json_line(message: Message) -> str:
-    return json.dumps({
-        "room": room_of(message.destination),
-        "sender": message.sender,
-        "timestamp": message.timestamp,
-        "body": message.text,
-        "destination": message.destination,
-        "message_id": message.message_id,
-    }, ensure_ascii=False)
+    return json.dumps(
+        {
+            "room": room_of(message.destination),
+            "sender": message.sender,
+            "timestamp": message.timestamp,
+            "body": message.text,
+            "destination": message.destination,
+            "message_id": message.message_id,
+        },
+        ensure_ascii=False,
+    )
 
 
 if __name__ == "__main__":

@@ -240,8 +240,9 @@ class StompClient:
         receipt_id = f"r-{next(self._ids)}"
         done = self._waiting[receipt_id] = trio.Event()
         try:
-            await self._write(Frame(frame.command, (*frame.headers, ("receipt", receipt_id)),
-                                    frame.body))
+            await self._write(
+                Frame(frame.command, (*frame.headers, ("receipt", receipt_id)), frame.body)
+            )
             with trio.move_on_after(RECEIPT_TIMEOUT):
                 await done.wait()
         finally:
@@ -257,8 +258,9 @@ class StompClient:
         try:
             data = self._protocol.send(frame, trio.current_time())
         except LocalProtocolError as exc:  # ours to fix; the connection cannot go on
-            await self._end(ConnectionLost(f"closed: cannot send {frame.command}: {exc}"),
-                            CloseCode.NORMAL)
+            await self._end(
+                ConnectionLost(f"closed: cannot send {frame.command}: {exc}"), CloseCode.NORMAL
+            )
             raise self._failure or ConnectionLost(str(exc)) from None
         await self._send_message(data)
 
@@ -291,8 +293,10 @@ class StompClient:
                 self._fail(self._closed(exc.reason))
                 return
             except StompProtocolError as exc:
-                await self._end(ServerProtocolError(f"the server broke STOMP: {exc.message}"),
-                                CloseCode.PROTOCOL_ERROR)
+                await self._end(
+                    ServerProtocolError(f"the server broke STOMP: {exc.message}"),
+                    CloseCode.PROTOCOL_ERROR,
+                )
                 return
             except FellBehind as exc:
                 await self._end(exc, CloseCode.POLICY)
@@ -340,10 +344,13 @@ class StompClient:
                 continue
             interval = self.heartbeat[1] / 1000
             silent = now - (deadline - SILENCE_FACTOR * interval)
-            await self._end(ConnectionLost(
-                f"the server went silent: nothing received for {silent:.1f} s "
-                f"(heart-beats were due every {interval:g} s)"
-            ), None)
+            await self._end(
+                ConnectionLost(
+                    f"the server went silent: nothing received for {silent:.1f} s "
+                    f"(heart-beats were due every {interval:g} s)"
+                ),
+                None,
+            )
 
     async def _keep_authorized(
         self, renew: Callable[[], Awaitable[TokenGrant]], expires_in: float
@@ -468,11 +475,14 @@ async def _handshake(link: WebSocketLink, host: str, offer: tuple[int, int]) -> 
     if ws.subprotocol != STOMP_SUBPROTOCOL:  # never named: it could be our bearer entry
         raise BadResponse(f"{link.endpoint} did not select the {STOMP_SUBPROTOCOL} subprotocol")
     protocol = StompConnection(Role.CLIENT, limits=CLIENT_LIMITS)
-    connect_frame = Frame("CONNECT", (
-        ("accept-version", STOMP_VERSION),
-        ("host", host),
-        ("heart-beat", f"{offer[0]},{offer[1]}"),
-    ))
+    connect_frame = Frame(
+        "CONNECT",
+        (
+            ("accept-version", STOMP_VERSION),
+            ("host", host),
+            ("heart-beat", f"{offer[0]},{offer[1]}"),
+        ),
+    )
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await ws.send_message(protocol.send(connect_frame, trio.current_time()).decode())

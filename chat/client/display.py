@@ -130,8 +130,10 @@ def link_status(event: Online | Reconnecting, me: str) -> Styled:
     """The one status line a terminal keeps updated (its bottom toolbar)."""
     if isinstance(event, Online):
         return (("class:online", f"connected as {printable(me)}"),)
-    return ((
-        "class:offline",
-        f"reconnecting{ELLIPSIS} attempt {event.attempt}, next try in {event.delay:.1f} s: "
-        f"{printable(event.reason)}",
-    ),)
+    return (
+        (
+            "class:offline",
+            f"reconnecting{ELLIPSIS} attempt {event.attempt}, next try in {event.delay:.1f} s: "
+            f"{printable(event.reason)}",
+        ),
+    )

@@ -80,7 +80,11 @@ MAX_UNREAD_EVENTS = 4096  # events not yet taken by the application; beyond, the
 # shutting down or shedding load. Anything else (a refused token or certificate, a server
 # we do not trust) would fail the same way again, so it ends the session.
 _TRANSIENT: tuple[type[ClientError], ...] = (
-    ServerUnreachable, ConnectionLost, StompError, ReceiptTimeout, SilentRefusal,
+    ServerUnreachable,
+    ConnectionLost,
+    StompError,
+    ReceiptTimeout,
+    SilentRefusal,
 )
 
 
@@ -336,7 +340,10 @@ class ResilientSession:
     ) -> ClientError:
         """One link, from connect to its end: why it ended. Raises if it never came up."""
         async with connect_authorized(
-            self._ws_url, self._ssl_context, self._tokens, heartbeat=self._heartbeat,
+            self._ws_url,
+            self._ssl_context,
+            self._tokens,
+            heartbeat=self._heartbeat,
             grant=grant,
         ) as client:
             link = self._link = _Link(client)
@@ -509,7 +516,9 @@ def _marked(link: _Link, message: Message) -> Message:
     """`message`, flagged `history` when it came from before a `last:N` join."""
     until, position = link.history.get(message.destination), message.position
     if (
-        until is None or position is None or position.epoch != until.epoch
+        until is None
+        or position is None
+        or position.epoch != until.epoch
         or position.offset > until.offset
     ):
         return message

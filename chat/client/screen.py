@@ -67,18 +67,20 @@ MAX_INPUT_ROWS = 8  # a longer typed line scrolls inside its box; the conversati
 MAX_TYPED_AHEAD = 64  # lines typed while the chat was busy with a command, not yet taken
 UI_EXIT_TIMEOUT = 5.0  # seconds for the screen to restore the terminal and stop, on leaving
 
-STYLE = Style.from_dict({
-    "time": "",
-    "room": "ansicyan",
-    "own": "ansigreen bold",
-    "sender": "ansiyellow bold",
-    "system": "ansiblue",
-    "error": "ansired bold",
-    "pending": "ansibrightblack italic",
-    "toolbar": "reverse",
-    "offline": "ansired",  # under the toolbar's reverse video: a red bar
-    "history": "ansibrightblack italic",  # named last in a line's styles: its colour wins
-})
+STYLE = Style.from_dict(
+    {
+        "time": "",
+        "room": "ansicyan",
+        "own": "ansigreen bold",
+        "sender": "ansiyellow bold",
+        "system": "ansiblue",
+        "error": "ansired bold",
+        "pending": "ansibrightblack italic",
+        "toolbar": "reverse",
+        "offline": "ansired",  # under the toolbar's reverse video: a red bar
+        "history": "ansibrightblack italic",  # named last in a line's styles: its colour wins
+    }
+)
 
 
 def wants_colour() -> bool:
@@ -106,8 +108,9 @@ class _KeptHistory(FileHistory):
 def open_history(path: Path) -> tuple[History, str | None]:
     """The history kept in `path` (created owner-only), or one in memory and why."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                     HISTORY_FILE_MODE)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, HISTORY_FILE_MODE
+        )
     except OSError as exc:
         reason = exc.strerror or str(exc)
         return InMemoryHistory(), f"typed lines are not kept: cannot open {path}: {reason}"
@@ -241,13 +244,17 @@ class Screen:
 
     def _print_tail(self) -> None:
         """The last screenful of the conversation, left on the terminal once we are gone."""
-        rows = list(self._log.rows)[-max(self._app.output.get_size().rows - 1, 1):]
+        rows = list(self._log.rows)[-max(self._app.output.get_size().rows - 1, 1) :]
         text: StyleAndTextTuples = []
         for row in rows:
             text += [*row, ("", "\n")]
         print_formatted_text(
-            FormattedText(text), end="", style=STYLE, output=self._app.output,
-            color_depth=self._app.color_depth, include_default_pygments_style=False,
+            FormattedText(text),
+            end="",
+            style=STYLE,
+            output=self._app.output,
+            color_depth=self._app.color_depth,
+            include_default_pygments_style=False,
         )
 
     def _exit(self) -> None:
@@ -269,17 +276,26 @@ class Screen:
         buffer = Buffer(history=history, multiline=False, accept_handler=self._accept)
         search = SearchToolbar()
         typing = Window(
-            BufferControl(buffer, input_processors=[BeforeInput(self._message)],
-                          search_buffer_control=search.control, preview_search=True),
-            height=Dimension(min=1, max=MAX_INPUT_ROWS), wrap_lines=True,
+            BufferControl(
+                buffer,
+                input_processors=[BeforeInput(self._message)],
+                search_buffer_control=search.control,
+                preview_search=True,
+            ),
+            height=Dimension(min=1, max=MAX_INPUT_ROWS),
+            wrap_lines=True,
             dont_extend_height=True,
         )
         conversation = Window(self._log, wrap_lines=True)
         toolbar = Window(FormattedTextControl(self._toolbar), height=1, style="class:toolbar")
         return Application(
             layout=Layout(HSplit([conversation, typing, search, toolbar]), focused_element=typing),
-            key_bindings=self._keys(buffer, conversation), style=STYLE, full_screen=True,
-            input=pt_input, output=pt_output, include_default_pygments_style=False,
+            key_bindings=self._keys(buffer, conversation),
+            style=STYLE,
+            full_screen=True,
+            input=pt_input,
+            output=pt_output,
+            include_default_pygments_style=False,
             color_depth=None if colour else ColorDepth.DEPTH_1_BIT,
         )
 

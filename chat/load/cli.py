@@ -57,53 +57,125 @@ benchmarks/fanout.py runs this against our server and a minimal baseline server.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="wss://127.0.0.1:8443/ws",
-                   help="the server's STOMP endpoint (default %(default)s); tokens come "
-                   "from POST /auth/token on the same host and port")
-    p.add_argument("--certs", type=Path, default=Path("certs"), metavar="DIR",
-                   help="client certificates: every NAME.crt with a NAME.key except ca and "
-                   "server, skipping (with a warning) encrypted keys and certificates "
-                   "expired, not yet valid or not issued by DIR/ca.crt; connections take "
-                   "them round-robin, one token each (default %(default)s)")
-    p.add_argument("--identities", type=_names, metavar="NAME,...",
-                   help="use only these identities of DIR (NAME.crt + NAME.key each); "
-                   "a missing or unusable one is an error")
-    p.add_argument("--ca", type=Path, metavar="FILE",
-                   help="CA certificate the server must chain to (default DIR/ca.crt)")
-    p.add_argument("--subscribers", type=int, default=100, metavar="N",
-                   help="subscribing connections (default %(default)s)")
-    p.add_argument("--publishers", type=int, default=1, metavar="P",
-                   help="publishing connections (default %(default)s)")
-    p.add_argument("--topics", type=int, default=1, metavar="T",
-                   help="topics; subscribers and publishers are spread over them "
-                   "round-robin (default %(default)s)")
-    p.add_argument("--rate", type=float, default=0.0, metavar="R",
-                   help="messages/s per publisher; 0 = as fast as --max-inflight allows "
-                   "(default %(default)s). At 0, latency is mostly time queued behind "
-                   "--max-inflight: measure latency at a rate below saturation")
-    p.add_argument("--max-inflight", type=int, default=64, metavar="M",
-                   help="a publisher pauses while M of its messages are not yet delivered "
-                   "to all their subscribers, so neither side's buffers grow without bound "
-                   "(default %(default)s)")
-    p.add_argument("--size", type=int, default=128, metavar="BYTES",
-                   help=f"message body size, at least {BODY_HEAD} (default %(default)s)")
-    p.add_argument("--duration", type=float, default=10.0, metavar="S",
-                   help="measured window in seconds (default %(default)s)")
-    p.add_argument("--warmup", type=float, default=1.0, metavar="S",
-                   help="publishing before the window opens, not counted (default %(default)s)")
-    p.add_argument("--server-pid", type=int, metavar="PID",
-                   help="read the server's CPU time (/proc/PID/stat) at the window's edges: "
-                   "reports server CPU seconds and us per delivery")
-    p.add_argument("--stalled", type=int, default=0, metavar="N",
-                   help="also open N subscribers that never read (slow consumers); the report "
-                   "says how many the server evicted, and latency shows whether the healthy "
-                   "subscribers noticed (default 0)")
+    p = Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--url",
+        default="wss://127.0.0.1:8443/ws",
+        help="the server's STOMP endpoint (default %(default)s); tokens come "
+        "from POST /auth/token on the same host and port",
+    )
+    p.add_argument(
+        "--certs",
+        type=Path,
+        default=Path("certs"),
+        metavar="DIR",
+        help="client certificates: every NAME.crt with a NAME.key except ca and "
+        "server, skipping (with a warning) encrypted keys and certificates "
+        "expired, not yet valid or not issued by DIR/ca.crt; connections take "
+        "them round-robin, one token each (default %(default)s)",
+    )
+    p.add_argument(
+        "--identities",
+        type=_names,
+        metavar="NAME,...",
+        help="use only these identities of DIR (NAME.crt + NAME.key each); "
+        "a missing or unusable one is an error",
+    )
+    p.add_argument(
+        "--ca",
+        type=Path,
+        metavar="FILE",
+        help="CA certificate the server must chain to (default DIR/ca.crt)",
+    )
+    p.add_argument(
+        "--subscribers",
+        type=int,
+        default=100,
+        metavar="N",
+        help="subscribing connections (default %(default)s)",
+    )
+    p.add_argument(
+        "--publishers",
+        type=int,
+        default=1,
+        metavar="P",
+        help="publishing connections (default %(default)s)",
+    )
+    p.add_argument(
+        "--topics",
+        type=int,
+        default=1,
+        metavar="T",
+        help="topics; subscribers and publishers are spread over them "
+        "round-robin (default %(default)s)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="messages/s per publisher; 0 = as fast as --max-inflight allows "
+        "(default %(default)s). At 0, latency is mostly time queued behind "
+        "--max-inflight: measure latency at a rate below saturation",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=64,
+        metavar="M",
+        help="a publisher pauses while M of its messages are not yet delivered "
+        "to all their subscribers, so neither side's buffers grow without bound "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=128,
+        metavar="BYTES",
+        help=f"message body size, at least {BODY_HEAD} (default %(default)s)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="measured window in seconds (default %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="publishing before the window opens, not counted (default %(default)s)",
+    )
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        metavar="PID",
+        help="read the server's CPU time (/proc/PID/stat) at the window's edges: "
+        "reports server CPU seconds and us per delivery",
+    )
+    p.add_argument(
+        "--stalled",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also open N subscribers that never read (slow consumers); the report "
+        "says how many the server evicted, and latency shows whether the healthy "
+        "subscribers noticed (default 0)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--raw", action="store_true",
-                   help="advanced: bare WebSocket text messages, no token and no STOMP, for "
-                   "benchmarks/baseline_server.py (needs --publishers 1 --topics 1)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="advanced: bare WebSocket text messages, no token and no STOMP, for "
+        "benchmarks/baseline_server.py (needs --publishers 1 --topics 1)",
+    )
     return p
 
 
@@ -111,11 +183,21 @@ def config_of(args: argparse.Namespace) -> LoadConfig:
     """A LoadConfig from parsed options, or UsageError naming the first bad one."""
     _check(args)
     return LoadConfig(
-        url=args.url, certs=args.certs, ca=args.ca or args.certs / "ca.crt",
-        subscribers=args.subscribers, publishers=args.publishers, topics=args.topics,
-        rate=args.rate, max_inflight=args.max_inflight, size=args.size,
-        duration=args.duration, warmup=args.warmup, server_pid=args.server_pid, raw=args.raw,
-        stalled=args.stalled, identities=args.identities or (),
+        url=args.url,
+        certs=args.certs,
+        ca=args.ca or args.certs / "ca.crt",
+        subscribers=args.subscribers,
+        publishers=args.publishers,
+        topics=args.topics,
+        rate=args.rate,
+        max_inflight=args.max_inflight,
+        size=args.size,
+        duration=args.duration,
+        warmup=args.warmup,
+        server_pid=args.server_pid,
+        raw=args.raw,
+        stalled=args.stalled,
+        identities=args.identities or (),
     )
 
 
@@ -131,8 +213,10 @@ def _check(args: argparse.Namespace) -> None:
     rules = [
         (args.subscribers >= 1, "--subscribers must be at least 1"),
         (1 <= args.publishers < MAX_PUBLISHERS, f"--publishers must be 1..{MAX_PUBLISHERS - 1}"),
-        (args.subscribers + args.publishers <= MAX_CONNECTIONS,
-         f"at most {MAX_CONNECTIONS} connections in all"),
+        (
+            args.subscribers + args.publishers <= MAX_CONNECTIONS,
+            f"at most {MAX_CONNECTIONS} connections in all",
+        ),
         (1 <= args.topics <= args.subscribers, "--topics must be 1..SUBSCRIBERS"),
         (args.rate >= 0, "--rate cannot be negative"),
         (args.max_inflight >= 1, "--max-inflight must be at least 1"),
@@ -141,8 +225,10 @@ def _check(args: argparse.Namespace) -> None:
         (0 <= args.warmup <= MAX_WARMUP, f"--warmup must be in [0, {MAX_WARMUP:g}]"),
         (0 <= args.stalled <= MAX_CONNECTIONS, f"--stalled must be 0..{MAX_CONNECTIONS}"),
         (not args.raw or not args.stalled, "--stalled needs STOMP (not --raw)"),
-        (not args.raw or (args.publishers == 1 and args.topics == 1),
-         "--raw needs --publishers 1 --topics 1 (the baseline forwards to everyone)"),
+        (
+            not args.raw or (args.publishers == 1 and args.topics == 1),
+            "--raw needs --publishers 1 --topics 1 (the baseline forwards to everyone)",
+        ),
     ]
     for ok, message in rules:
         if not ok:
@@ -169,31 +255,60 @@ def as_table(report: Report) -> str:
     r, c, lat = report, report.connections, report.latency
     rate = "max" if r.rate == 0 else f"{r.rate:g}/s per publisher"
     rows = [
-        ("run", f"{r.mode} {r.url}: {r.subscribers} subscribers, {r.publishers} publishers, "
-                f"{r.topics} topics, {r.size} B, rate {rate}, max in flight {r.max_inflight}"),
+        (
+            "run",
+            f"{r.mode} {r.url}: {r.subscribers} subscribers, {r.publishers} publishers, "
+            f"{r.topics} topics, {r.size} B, rate {rate}, max in flight {r.max_inflight}",
+        ),
         ("identities", ", ".join(r.identities)),
-        ("connections", f"{c.connected} of {c.requested} connected, {c.failed} failed, "
-                        f"{c.dropped} dropped, {c.reconnects} reconnects"
-                        + (f" (first error: {c.first_error})" if c.first_error else "")),
+        (
+            "connections",
+            f"{c.connected} of {c.requested} connected, {c.failed} failed, "
+            f"{c.dropped} dropped, {c.reconnects} reconnects"
+            + (f" (first error: {c.first_error})" if c.first_error else ""),
+        ),
         ("window", f"{r.window_s:.2f} s after {r.warmup_s:g} s of warm-up"),
         ("sent", _sent(r)),
-        ("delivered", f"{r.delivered:,} of {r.expected:,} expected ({r.lost:,} lost: "
-                      "confirmed but never received)"),
+        (
+            "delivered",
+            f"{r.delivered:,} of {r.expected:,} expected ({r.lost:,} lost: "
+            "confirmed but never received)",
+        ),
         ("duplicates", f"{r.duplicates:,} (same topic, epoch and offset twice)"),
         ("subscribers", _per_subscriber(r)),
         ("deliveries/s", f"{r.deliveries_per_s:,.0f}"),
-        ("latency ms", f"p50 {_ms(lat.p50_ms)}  p99 {_ms(lat.p99_ms)}  "
-                       f"p99.9 {_ms(lat.p99_9_ms)}  max {_ms(lat.max_ms)}  "
-                       f"({lat.samples:,} samples)"),
+        (
+            "latency ms",
+            f"p50 {_ms(lat.p50_ms)}  p99 {_ms(lat.p99_ms)}  "
+            f"p99.9 {_ms(lat.p99_9_ms)}  max {_ms(lat.max_ms)}  "
+            f"({lat.samples:,} samples)",
+        ),
         ("server CPU", _server_cpu(r)),
-        ("harness CPU", _cpu(r.harness_cpu) + ("  SATURATED: the harness limits these "
-                                               "figures" if r.harness_saturated else "")),
-        ("flow stalls", f"{r.stalls} (publisher waits that timed out: lost deliveries, "
-                        "or the server was away)"),
-        *([("stalled", f"{r.evicted} of {r.stalled} never-reading subscribers evicted "
-                       "by the server (slow consumer)")] if r.stalled else []),
-        *([("foreign", f"{r.foreign:,} messages not sent by this run, ignored")]
-          if r.foreign else []),
+        (
+            "harness CPU",
+            _cpu(r.harness_cpu)
+            + ("  SATURATED: the harness limits these figures" if r.harness_saturated else ""),
+        ),
+        (
+            "flow stalls",
+            f"{r.stalls} (publisher waits that timed out: lost deliveries, or the server was away)",
+        ),
+        *(
+            [
+                (
+                    "stalled",
+                    f"{r.evicted} of {r.stalled} never-reading subscribers evicted "
+                    "by the server (slow consumer)",
+                )
+            ]
+            if r.stalled
+            else []
+        ),
+        *(
+            [("foreign", f"{r.foreign:,} messages not sent by this run, ignored")]
+            if r.foreign
+            else []
+        ),
     ]
     return "\n".join(f"{name:<14}{value}" for name, value in rows)
 
@@ -203,8 +318,10 @@ def _sent(r: Report) -> str:
         return f"{r.sent:,} messages (raw: no receipts, all counted as accepted)"
     line = f"{r.sent:,} messages, {r.confirmed:,} confirmed by the server"
     if r.unconfirmed:
-        line += (f", {r.unconfirmed:,} unconfirmed (the link died before the RECEIPT; "
-                 f"{r.unconfirmed_delivered:,} deliveries of them came anyway)")
+        line += (
+            f", {r.unconfirmed:,} unconfirmed (the link died before the RECEIPT; "
+            f"{r.unconfirmed_delivered:,} deliveries of them came anyway)"
+        )
     return line
 
 
@@ -213,8 +330,10 @@ def _per_subscriber(r: Report) -> str:
     if not subs:
         return "-"
     short = sum(s.received < s.expected for s in subs)
-    line = (f"received {_span(s.received for s in subs)} of {_span(s.expected for s in subs)} "
-            f"expected ({short} short), reconnects {_span(s.reconnects for s in subs)} each")
+    line = (
+        f"received {_span(s.received for s in subs)} of {_span(s.expected for s in subs)} "
+        f"expected ({short} short), reconnects {_span(s.reconnects for s in subs)} each"
+    )
     return line + (f", {r.unrecovered} resumes not recovered" if r.unrecovered else "")
 
 

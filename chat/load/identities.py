@@ -77,8 +77,11 @@ def find_identities(directory: Path, names: Sequence[str] = ()) -> list[Identity
 
 def _named(directory: Path, names: Sequence[str]) -> list[IdentityFiles]:
     files = [IdentityFiles(n, directory / f"{n}.crt", directory / f"{n}.key") for n in names]
-    unknown = [f.name for f in files
-               if f.name in RESERVED_NAMES or not (f.cert.is_file() and f.key.is_file())]
+    unknown = [
+        f.name
+        for f in files
+        if f.name in RESERVED_NAMES or not (f.cert.is_file() and f.key.is_file())
+    ]
     if unknown:
         raise NoIdentities(
             f"--identities: no {', '.join(unknown)} in {directory} (each NAME needs "
@@ -106,8 +109,9 @@ def _context(files: IdentityFiles, ca: Path, issuer: Path) -> ssl.SSLContext:
     try:
         context = client_ssl_context(files.cert, files.key, ca)
     except KeyPassphraseRequired as exc:  # its hint names an option chat-load does not have
-        raise PkiError(f"{exc.path} is an encrypted private key; chat-load needs "
-                       "unencrypted keys") from None
+        raise PkiError(
+            f"{exc.path} is an encrypted private key; chat-load needs unencrypted keys"
+        ) from None
     cause = rejection_cause(files.cert, issuer) if issuer.is_file() else None
     if cause is not None:
         raise PkiError(cause)

@@ -41,8 +41,10 @@ def render(previous: Sample | None, current: Sample) -> str:
     if previous is not None and elapsed > 0:
         sent = f"{(current.sent - previous.sent) / elapsed:,.0f}"
         delivered = f"{(current.delivered - previous.delivered) / elapsed:,.0f}"
-    return (f"{ERASE_LINE}chat-load: {current.phase}  connected {current.connected:,}/"
-            f"{current.requested:,}  sent {sent}/s  delivered {delivered}/s")
+    return (
+        f"{ERASE_LINE}chat-load: {current.phase}  connected {current.connected:,}/"
+        f"{current.requested:,}  sent {sent}/s  delivered {delivered}/s"
+    )
 
 
 class ProgressLine:

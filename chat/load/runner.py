@@ -116,8 +116,7 @@ async def _identities(config: LoadConfig, warn: Warn) -> list[ids.Identity]:
     for skip in skipped:
         warn(f"skipping identity {skip.name}: {skip.reason}")
     if not named:
-        raise LoadError(f"no usable client certificate in {config.certs} "
-                        f"({len(skipped)} skipped)")
+        raise LoadError(f"no usable client certificate in {config.certs} ({len(skipped)} skipped)")
     if config.raw:
         return [ids.Identity(name, context, None) for name, context in named]
     try:
@@ -145,8 +144,9 @@ class _Run:
         self.flows = [Flow(0) for _ in range(config.publishers)]
         topic_of = [index % config.topics for index in range(config.publishers)]
         self.tally = Tally(self.window, self.flows, topic_of)
-        self.counts = [SubscriberCount(index % config.topics)
-                       for index in range(config.subscribers)]
+        self.counts = [
+            SubscriberCount(index % config.topics) for index in range(config.subscribers)
+        ]
         self.fanout = [0] * config.topics  # live subscribers per topic
         self.connected = self.failed = self.dropped = 0
         self.first_error: str | None = None
@@ -209,17 +209,22 @@ class _Run:
         count = self.counts[index]
         identity = self.identities[index % len(self.identities)]
         dial: AbstractAsyncContextManager[Receiver] = (
-            raw_link(self.config.url, identity) if self.config.raw else
-            stomp_subscriber(self.config.url, identity, _destination(count.topic), count))
+            raw_link(self.config.url, identity)
+            if self.config.raw
+            else stomp_subscriber(self.config.url, identity, _destination(count.topic), count)
+        )
         await self._hold(dial, count.topic, True, lambda link: self._consume(link, count))
 
     async def _publisher(self, index: int) -> None:
         topic = index % self.config.topics
         identity = self.identities[(self.config.subscribers + index) % len(self.identities)]
         dial: AbstractAsyncContextManager[Sender] = (
-            raw_link(self.config.url, identity) if self.config.raw else
-            stomp_publisher(self.config.url, identity, _destination(topic),
-                            self.tally.on_outcome))
+            raw_link(self.config.url, identity)
+            if self.config.raw
+            else stomp_publisher(
+                self.config.url, identity, _destination(topic), self.tally.on_outcome
+            )
+        )
         await self._hold(dial, topic, False, lambda link: self._publish(link, index, topic))
 
     async def _hold(
@@ -245,8 +250,9 @@ class _Run:
                     finally:
                         self._live.discard(link)
             if not joined:
-                self._fail(ClientError(f"not connected within the setup time "
-                                       f"({SETUP_TIMEOUT:g} s)"))
+                self._fail(
+                    ClientError(f"not connected within the setup time ({SETUP_TIMEOUT:g} s)")
+                )
         except ClientError as exc:
             if not joined:
                 self._fail(exc)
@@ -266,8 +272,9 @@ class _Run:
         """One stalled subscriber on topic `index % topics`, held open until the run stops."""
         identity = self.identities[index % len(self.identities)]
         try:
-            async with stalled_link(self.config.url, identity,
-                                    _destination(index % self.config.topics)) as link:
+            async with stalled_link(
+                self.config.url, identity, _destination(index % self.config.topics)
+            ) as link:
                 self._stalled.append(link)
                 task_status.started()
                 await self._keep(trio.sleep_forever())
@@ -351,9 +358,16 @@ class _Run:
     async def _tick(self, progress: Progress) -> None:
         """The progress line's samples, about once a second."""
         while True:
-            progress.show(Sample(trio.current_time(), self.phase,
-                                 sum(link.online for link in self._live), self.total,
-                                 self.tally.sent_total, self.tally.received_total))
+            progress.show(
+                Sample(
+                    trio.current_time(),
+                    self.phase,
+                    sum(link.online for link in self._live),
+                    self.total,
+                    self.tally.sent_total,
+                    self.tally.received_total,
+                )
+            )
             await trio.sleep(INTERVAL)
 
     # ------------------------------------------------------------ the measured window
@@ -395,28 +409,46 @@ class _Run:
         c, tally, window_s = self.config, self.tally, self.window.seconds
         in_window = tally.received_in_window
         harness = CpuUse.of(harness_s, window_s, in_window)
-        per_subscriber = tuple(SubscriberReport.of(count, tally.confirmed_by_topic)
-                               for count in self.counts)
-        reconnects = (sum(s.reconnects for s in per_subscriber)
-                      + sum(link.reconnects for link in self._senders))
+        per_subscriber = tuple(
+            SubscriberReport.of(count, tally.confirmed_by_topic) for count in self.counts
+        )
+        reconnects = sum(s.reconnects for s in per_subscriber) + sum(
+            link.reconnects for link in self._senders
+        )
         return Report(
-            mode="raw" if c.raw else "stomp", url=c.url,
+            mode="raw" if c.raw else "stomp",
+            url=c.url,
             identities=tuple(identity.name for identity in self.identities),
-            subscribers=c.subscribers, publishers=c.publishers, topics=c.topics, size=c.size,
-            rate=c.rate, max_inflight=c.max_inflight, warmup_s=c.warmup, window_s=window_s,
-            connections=Connections(self.total, self.connected, self.failed, self.dropped,
-                                    self.first_error, reconnects),
-            sent=tally.sent, confirmed=tally.confirmed, unconfirmed=tally.unconfirmed,
-            unconfirmed_delivered=tally.unconfirmed_delivered, expected=tally.expected,
-            delivered=tally.delivered, lost=tally.expected - tally.delivered,
+            subscribers=c.subscribers,
+            publishers=c.publishers,
+            topics=c.topics,
+            size=c.size,
+            rate=c.rate,
+            max_inflight=c.max_inflight,
+            warmup_s=c.warmup,
+            window_s=window_s,
+            connections=Connections(
+                self.total, self.connected, self.failed, self.dropped, self.first_error, reconnects
+            ),
+            sent=tally.sent,
+            confirmed=tally.confirmed,
+            unconfirmed=tally.unconfirmed,
+            unconfirmed_delivered=tally.unconfirmed_delivered,
+            expected=tally.expected,
+            delivered=tally.delivered,
+            lost=tally.expected - tally.delivered,
             duplicates=sum(s.duplicates for s in per_subscriber),
             unrecovered=sum(s.unrecovered for s in per_subscriber),
             deliveries_per_s=in_window / window_s if window_s > 0 else 0.0,
             latency=Latency.of(tally.latencies),
             server_cpu=None if server_s is None else CpuUse.of(server_s, window_s, in_window),
-            harness_cpu=harness, harness_saturated=harness.saturated,
-            stalls=sum(flow.stalls for flow in self.flows), foreign=tally.foreign,
-            per_subscriber=per_subscriber, stalled=c.stalled, evicted=self._evicted,
+            harness_cpu=harness,
+            harness_saturated=harness.saturated,
+            stalls=sum(flow.stalls for flow in self.flows),
+            foreign=tally.foreign,
+            per_subscriber=per_subscriber,
+            stalled=c.stalled,
+            evicted=self._evicted,
             server_exited=c.server_pid is not None and server_s is None,
         )
 

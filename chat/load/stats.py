@@ -50,7 +50,7 @@ def process_cpu_seconds(pid: int) -> float:
             raw = stat.read()
     except OSError as exc:
         raise ProcessGone(f"cannot read /proc/{pid}/stat: {exc.strerror}") from None
-    fields = raw[raw.rindex(b")") + 2:].split()  # the command name may contain spaces
+    fields = raw[raw.rindex(b")") + 2 :].split()  # the command name may contain spaces
     return (int(fields[_STAT_UTIME]) + int(fields[_STAT_UTIME + 1])) / _CLOCK_TICKS
 
 
@@ -364,8 +364,9 @@ class SubscriberReport:
         owed = confirmed_by_topic[count.topic]
         if count.owed_when_left is not None:
             owed = count.owed_when_left
-        return cls(count.topic, owed, count.received, count.duplicates, count.reconnects,
-                   count.unrecovered)
+        return cls(
+            count.topic, owed, count.received, count.duplicates, count.reconnects, count.unrecovered
+        )
 
 
 @dataclass(frozen=True, slots=True)

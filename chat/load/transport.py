@@ -40,8 +40,9 @@ from chat.stomp import Frame, encode
 HEARTBEAT = (0, 0)  # no STOMP heart-beats: a run is short and its traffic proves liveness
 # Reconnect soon after a restart (a run lasts seconds), full jitter spreads the herd; a send
 # waits for the link this long before it counts as unconfirmed; failing at setup is final.
-LOAD_RESILIENCE = Resilience(backoff=Backoff(base=0.1, cap=2.0), send_timeout=10.0,
-                             start_attempts=1)
+LOAD_RESILIENCE = Resilience(
+    backoff=Backoff(base=0.1, cap=2.0), send_timeout=10.0, start_attempts=1
+)
 # How often setup checks that the first SUBSCRIBE went through (nothing is missed meanwhile:
 # publishers start only once every link is set up).
 SUBSCRIBED_POLL = 0.01
@@ -90,8 +91,9 @@ class StompSubscriber:
             event = await self._session.receive()
             if type(event) is Message:
                 position = event.position
-                if position is None or first_time(event.destination, position.epoch,
-                                                  position.offset):
+                if position is None or first_time(
+                    event.destination, position.epoch, position.offset
+                ):
                     return event.body
                 count.duplicates += 1
             elif isinstance(event, Online) and not event.first:
@@ -125,8 +127,9 @@ class StompPublisher:
 
     __slots__ = ("_session", "_destination", "_nursery", "_outcome", "reconnects", "_failure")
 
-    def __init__(self, session: ResilientSession, destination: str, nursery: trio.Nursery,
-                 outcome: Outcome) -> None:
+    def __init__(
+        self, session: ResilientSession, destination: str, nursery: trio.Nursery, outcome: Outcome
+    ) -> None:
         self._session = session
         self._destination = destination
         self._nursery = nursery
@@ -179,8 +182,9 @@ async def stomp_publisher(
 def _session(ws_url: str, identity: Identity) -> AbstractAsyncContextManager[ResilientSession]:
     tokens = identity.tokens
     assert tokens is not None, "STOMP links need tokens"
-    return connect_resilient(ws_url, identity.context, tokens, heartbeat=HEARTBEAT,
-                             resilience=LOAD_RESILIENCE)
+    return connect_resilient(
+        ws_url, identity.context, tokens, heartbeat=HEARTBEAT, resilience=LOAD_RESILIENCE
+    )
 
 
 class RawLink:
@@ -208,8 +212,11 @@ async def raw_link(ws_url: str, identity: Identity) -> AsyncIterator[RawLink]:
     """An open raw WebSocket over mutual TLS (no token, no subprotocol)."""
     with _raw_errors():
         async with trio_websocket.open_websocket_url(
-            ws_url, identity.context, max_message_size=RAW_MAX_MESSAGE,
-            connect_timeout=RAW_CONNECT_TIMEOUT, disconnect_timeout=RAW_CLOSE_TIMEOUT,
+            ws_url,
+            identity.context,
+            max_message_size=RAW_MAX_MESSAGE,
+            connect_timeout=RAW_CONNECT_TIMEOUT,
+            disconnect_timeout=RAW_CLOSE_TIMEOUT,
         ) as ws:
             yield RawLink(ws)
 
@@ -265,12 +272,19 @@ async def stalled_link(
     subprotocols = [STOMP_SUBPROTOCOL, bearer_subprotocol(grant.access_token)]
     with _raw_errors():
         async with trio_websocket.open_websocket_url(
-            ws_url, identity.context, subprotocols=subprotocols,
-            connect_timeout=RAW_CONNECT_TIMEOUT, disconnect_timeout=RAW_CLOSE_TIMEOUT,
+            ws_url,
+            identity.context,
+            subprotocols=subprotocols,
+            connect_timeout=RAW_CONNECT_TIMEOUT,
+            disconnect_timeout=RAW_CLOSE_TIMEOUT,
         ) as ws:
-            for frame in (Frame("CONNECT", (("accept-version", "1.2"), ("host", "chat"))),
-                          Frame("SUBSCRIBE", (("destination", destination), ("id", "stalled"),
-                                              ("receipt", "subscribed")))):
+            for frame in (
+                Frame("CONNECT", (("accept-version", "1.2"), ("host", "chat"))),
+                Frame(
+                    "SUBSCRIBE",
+                    (("destination", destination), ("id", "stalled"), ("receipt", "subscribed")),
+                ),
+            ):
                 await ws.send_message(encode(frame).decode())
                 await ws.get_message()  # CONNECTED, then the RECEIPT: subscribed
             yield StalledLink(ws)

@@ -131,7 +131,10 @@ def _state_commands(commands: argparse._SubParsersAction[Parser]) -> None:
     unrevoke = _command(commands, "unrevoke", "lift an identity block", UNREVOKE_HELP, _unrevoke)
     unrevoke.add_argument("--sub", required=True, metavar="NAME", help="identity to unblock")
     keys = _command(
-        commands, "keys", "rotate: make a new token signing key; list: show the keys", KEYS_HELP,
+        commands,
+        "keys",
+        "rotate: make a new token signing key; list: show the keys",
+        KEYS_HELP,
         _keys,
     )
     keys.add_argument("action", choices=["rotate", "list"])

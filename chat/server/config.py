@@ -106,9 +106,7 @@ class ServerConfig:
         repeat=True,
     )
     # access tokens are short-lived: 5 minutes
-    token_lifetime: float = option(
-        300.0, "access token lifetime", group=TOKENS, metavar="SECONDS"
-    )
+    token_lifetime: float = option(300.0, "access token lifetime", group=TOKENS, metavar="SECONDS")
     # refresh tokens: 14 days
     refresh_lifetime: float = option(
         14 * 86400.0, "refresh token lifetime", group=TOKENS, metavar="SECONDS"
@@ -120,8 +118,7 @@ class ServerConfig:
     # STOMP heart-beat offer (PROTOCOL.md §5): what we can send, what we want to receive, ms.
     heartbeat: tuple[int, int] = option(
         (10_000, 10_000),
-        "STOMP heart-beat offer in ms: what we send, what we want to receive; "
-        "0 disables a side",
+        "STOMP heart-beat offer in ms: what we send, what we want to receive; 0 disables a side",
         group=STOMP,
         metavar="SEND,RECV",
         parse=parse_heartbeat,
@@ -131,9 +128,7 @@ class ServerConfig:
         64 * 1024, "largest STOMP frame accepted", group=STOMP, metavar="BYTES"
     )
     max_headers: int = 32  # per STOMP frame
-    max_subscriptions: int = option(
-        128, "subscriptions per connection", group=STOMP, metavar="N"
-    )
+    max_subscriptions: int = option(128, "subscriptions per connection", group=STOMP, metavar="N")
     # A connection whose unsent bytes exceed this is a slow consumer and is closed.
     outbound_buffer_bytes: int = option(
         4 * 1024 * 1024,
@@ -166,9 +161,7 @@ class ServerConfig:
         metavar="SECONDS",
     )
     revocation_poll: float = 1.0  # how often live sessions are re-checked against revocations
-    log_level: str = option(
-        "info", "log verbosity on stderr", group=LOGGING, choices=LOG_LEVELS
-    )
+    log_level: str = option("info", "log verbosity on stderr", group=LOGGING, choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
         if self.outbound_buffer_bytes < MIN_BUFFER_FRAMES * self.max_frame_bytes:

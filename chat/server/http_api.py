@@ -158,7 +158,11 @@ class HttpApi:
         presented = _refresh_token_of(request)
         refresh = await self._state_lane.run(
             self._state.rotate_refresh,
-            presented, peer.identity, peer.x5t, now, self._refresh_lifetime,
+            presented,
+            peer.identity,
+            peer.x5t,
+            now,
+            self._refresh_lifetime,
         )
         return self._grant(peer, refresh, now)
 

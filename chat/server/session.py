@@ -238,13 +238,18 @@ class StompSession:
 
     def _connect(self, event: events.Connect) -> Acted:
         offer = self._limits.heartbeat
-        return Acted(reply=Frame("CONNECTED", (
-            ("version", event.version),
-            ("heart-beat", f"{offer[0]},{offer[1]}"),
-            ("session", self.id),
-            ("server", SERVER_NAME),
-            ("user-name", self.identity),
-        )))
+        return Acted(
+            reply=Frame(
+                "CONNECTED",
+                (
+                    ("version", event.version),
+                    ("heart-beat", f"{offer[0]},{offer[1]}"),
+                    ("session", self.id),
+                    ("server", SERVER_NAME),
+                    ("user-name", self.identity),
+                ),
+            )
+        )
 
     def _send(self, event: events.Send) -> Acted:
         frame, destination = event.frame, event.destination

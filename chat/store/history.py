@@ -158,9 +158,10 @@ class SqliteBackend:
 
     @staticmethod
     def _read(db: sqlite3.Connection, retention: Retention) -> list[TopicState]:
-        topics = {d: (e, last) for d, e, last in db.execute(
-            "SELECT destination, epoch, last_offset FROM topics"
-        )}
+        topics = {
+            d: (e, last)
+            for d, e, last in db.execute("SELECT destination, epoch, last_offset FROM topics")
+        }
         tails: dict[str, list[Stored]] = {d: [] for d in topics}
         for destination, offset, ts, sender, ctype, headers, body in db.execute(
             _LOAD, (retention.max_count,)
@@ -190,8 +191,11 @@ class SqliteBackend:
         db.executemany(_UPSERT_TOPIC, ((d, m.epoch, m.offset) for d, m in last.items()))
         db.executemany(
             _PRUNE_COUNT,
-            ((d, m.offset - retention.max_count) for d, m in last.items()
-             if m.offset > retention.max_count),
+            (
+                (d, m.offset - retention.max_count)
+                for d, m in last.items()
+                if m.offset > retention.max_count
+            ),
         )
         newest = max(message.timestamp_ms for message in batch)
         db.execute(_PRUNE_AGE, (newest - retention.max_age * 1000.0,))

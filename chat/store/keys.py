@@ -77,12 +77,20 @@ class _KeyRecord:
         if entry.get("algorithm") not in _KEY_GENERATORS:
             raise TokenConfigError(f"key {entry['kid']}: unsupported algorithm")
         retired = entry.get("retired_at")
-        return cls(entry["kid"], entry["algorithm"], float(entry["created"]),
-                   None if retired is None else float(retired))
+        return cls(
+            entry["kid"],
+            entry["algorithm"],
+            float(entry["created"]),
+            None if retired is None else float(retired),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"kid": self.kid, "algorithm": self.algorithm, "created": self.created,
-                "retired_at": self.retired_at}
+        return {
+            "kid": self.kid,
+            "algorithm": self.algorithm,
+            "created": self.created,
+            "retired_at": self.retired_at,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,11 +175,17 @@ class KeyStore:
     def jwks(self) -> dict[str, Any]:
         """{"keys": [...]}: exactly the keys that still verify, each with kid, alg, use=sig."""
         keys = self._keys
-        return {"keys": [
-            {**public_jwk(keys.public[record.kid]), "kid": record.kid,
-             "alg": record.algorithm, "use": "sig"}
-            for record in keys.records
-        ]}
+        return {
+            "keys": [
+                {
+                    **public_jwk(keys.public[record.kid]),
+                    "kid": record.kid,
+                    "alg": record.algorithm,
+                    "use": "sig",
+                }
+                for record in keys.records
+            ]
+        }
 
     # ------------------------------------------------------------------ BLOCKING
 
@@ -188,7 +202,8 @@ class KeyStore:
         with self._mutex, self._locked(exclusive=True):
             keys = self._read()
             expired = [
-                record.kid for record in keys.records
+                record.kid
+                for record in keys.records
                 if record.retired_at is not None and record.retired_at + max_token_lifetime <= now
             ]
             if expired:
@@ -234,8 +249,9 @@ class KeyStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise TokenConfigError(f"{path}: malformed key index ({exc})") from exc
         known = self._keys.private
-        private = {record.kid: known.get(record.kid) or self._load_key(record)
-                   for record in records}
+        private = {
+            record.kid: known.get(record.kid) or self._load_key(record) for record in records
+        }
         return _KeySet.of(records, private)
 
     def _load_key(self, record: _KeyRecord) -> PrivateKey:
@@ -265,5 +281,6 @@ class KeyStore:
     def _write_index(self, records: tuple[_KeyRecord, ...]) -> None:
         """Replace the index atomically: readers see the old or the new one, never half."""
         document = {"keys": [record.to_json() for record in records]}
-        write_atomic(self._dir / INDEX_NAME, json.dumps(document, indent=2).encode(),
-                     mode=KEY_FILE_MODE)
+        write_atomic(
+            self._dir / INDEX_NAME, json.dumps(document, indent=2).encode(), mode=KEY_FILE_MODE
+        )

@@ -143,8 +143,9 @@ class StateStore:
                 self._revoke_family(row[0])  # committed: the refusal is raised after COMMIT
             elif refusal is None:
                 assert row is not None
-                self._db.execute("UPDATE refresh_tokens SET spent = 1 WHERE hash = ?",
-                                 (_digest(token),))
+                self._db.execute(
+                    "UPDATE refresh_tokens SET spent = 1 WHERE hash = ?", (_digest(token),)
+                )
                 return self._insert_refresh(row[0], sub, x5t, now + lifetime)
         raise refusal
 
@@ -191,18 +192,22 @@ class StateStore:
         return token
 
     def _revoke_family(self, family: str) -> None:
-        self._db.execute("UPDATE refresh_families SET revoked = ? WHERE family = ?",
-                         (FAMILY_REUSED, family))
+        self._db.execute(
+            "UPDATE refresh_families SET revoked = ? WHERE family = ?", (FAMILY_REUSED, family)
+        )
 
     # ------------------------------------------------------------------ revocations
 
     def revoke_sub(self, sub: str, now: float) -> None:
         """Block an identity: its access tokens, its refresh families, the token endpoint."""
         with self._write() as db:
-            db.execute("INSERT OR IGNORE INTO revoked_subs (sub, revoked_at) VALUES (?, ?)",
-                       (sub, now))
-            db.execute("UPDATE refresh_families SET revoked = ? WHERE sub = ? AND revoked = 0",
-                       (FAMILY_REVOKED, sub))
+            db.execute(
+                "INSERT OR IGNORE INTO revoked_subs (sub, revoked_at) VALUES (?, ?)", (sub, now)
+            )
+            db.execute(
+                "UPDATE refresh_families SET revoked = ? WHERE sub = ? AND revoked = 0",
+                (FAMILY_REVOKED, sub),
+            )
             self._bump_version()
         self.load_revocations()
 
@@ -266,8 +271,10 @@ class StateStore:
         """Drop expired refresh tokens, emptied families and jti rows past any possible use."""
         with self._write() as db:
             db.execute("DELETE FROM refresh_tokens WHERE expires <= ?", (now,))
-            db.execute("DELETE FROM refresh_families WHERE family NOT IN"
-                       " (SELECT family FROM refresh_tokens)")
+            db.execute(
+                "DELETE FROM refresh_families WHERE family NOT IN"
+                " (SELECT family FROM refresh_tokens)"
+            )
             dropped = db.execute(
                 "DELETE FROM revoked_jtis WHERE exp + ? <= ?", (JTI_RETENTION_MARGIN, now)
             ).rowcount
@@ -276,9 +283,10 @@ class StateStore:
         self.load_revocations()
 
     def _sub_revoked(self, sub: str) -> bool:
-        return self._db.execute(
-            "SELECT 1 FROM revoked_subs WHERE sub = ?", (sub,)
-        ).fetchone() is not None
+        return (
+            self._db.execute("SELECT 1 FROM revoked_subs WHERE sub = ?", (sub,)).fetchone()
+            is not None
+        )
 
     def _bump_version(self) -> None:
         self._db.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (VERSION_KEY,))
