@@ -167,7 +167,7 @@ class StompPeer:
     """A hand-driven STOMP peer over a raw WebSocket: send frames, read parsed frames."""
 
     def __init__(self, ws: WebSocketConnection) -> None:
-        from chat.stomp import SERVER_COMMANDS, FrameParser
+        from chat.protocol.stomp import SERVER_COMMANDS, FrameParser
 
         self.ws = ws
         self._parser = FrameParser(commands=SERVER_COMMANDS)
@@ -176,7 +176,7 @@ class StompPeer:
     async def send(
         self, command: str, headers: dict[str, str] | None = None, body: bytes = b""
     ) -> None:
-        from chat.stomp import Frame, encode
+        from chat.protocol.stomp import Frame, encode
 
         frame = Frame(command, tuple((headers or {}).items()), body)
         data = encode(frame)

@@ -35,7 +35,7 @@ from chat.client.errors import (
 )
 from chat.client.http import fetch_token
 from chat.client.messages import Message
-from chat.stomp import CLIENT_COMMANDS, Frame, FrameParser, encode
+from chat.protocol.stomp import CLIENT_COMMANDS, Frame, FrameParser, encode
 from tests.conftest import RunningServer, StartServer, StompPeer, TestPki, raw_ws, token_for
 
 FAST = 5  # seconds: every wait in these tests is local and should take milliseconds

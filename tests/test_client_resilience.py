@@ -35,9 +35,9 @@ from chat.client.resilient import (
     ResilientSession,
     connect_resilient,
 )
+from chat.protocol.stomp import Frame, FrameParser
 from chat.server.app import ChatServer
 from chat.server.config import ServerConfig
-from chat.stomp import Frame, FrameParser
 from tests.conftest import RunningServer, StartServer, TestPki
 from tests.test_client_library import (
     answer_receipts,

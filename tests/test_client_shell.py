@@ -31,7 +31,7 @@ from chat.client.tls import Endpoint, ServerUrl
 from chat.client.websocket import websocket_over
 from chat.protocol import events
 from chat.protocol.connection import Role, StompConnection
-from chat.stomp import Frame
+from chat.protocol.stomp import Frame
 
 URL = ServerUrl("wss", Endpoint("chat.test", 443), "/ws")
 OFFER = ["v12.stomp", "bearer.t"]

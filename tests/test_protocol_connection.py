@@ -10,15 +10,6 @@ import dataclasses
 
 import pytest
 
-from chat.errors import (
-    CloseCode,
-    FrameTooLarge,
-    LocalProtocolError,
-    MalformedFrame,
-    MissingHeader,
-    PolicyViolation,
-    UnknownCommand,
-)
 from chat.protocol import events
 from chat.protocol.connection import (
     ConnectionLimits,
@@ -27,7 +18,16 @@ from chat.protocol.connection import (
     State,
     StompConnection,
 )
-from chat.stomp import Frame, Limits, encode
+from chat.protocol.errors import (
+    CloseCode,
+    FrameTooLarge,
+    LocalProtocolError,
+    MalformedFrame,
+    MissingHeader,
+    PolicyViolation,
+    UnknownCommand,
+)
+from chat.protocol.stomp import Frame, Limits, encode
 from tests.test_stomp import chunkings
 
 CONNECT = Frame(

@@ -9,8 +9,8 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from chat import pki as pki_module
+from chat.protocol.stomp import Frame, encode
 from chat.server.app import ChatServer
-from chat.stomp import Frame, encode
 from tests.conftest import RunningServer, StompPeer, TestPki, raw_ws, stomp_peer
 from tests.test_server_cli import start as start_subprocess
 

@@ -8,7 +8,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from chat.stomp import Frame, encode
+from chat.protocol.stomp import Frame, encode
 from tests.conftest import RunningServer, StompPeer, TestPki, raw_ws, stomp_peer
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from chat.stomp import SERVER_COMMANDS, Frame, FrameParser
+from chat.protocol.stomp import SERVER_COMMANDS, Frame, FrameParser
 from tests.conftest import (
     HttpReply,
     RunningServer,

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chat.errors import HttpRefusal
-from chat.store.state import StateStore
-from chat.tokens import (
+from chat.protocol.errors import HttpRefusal
+from chat.protocol.tokens import (
     Claims,
     IdentityRevoked,
     InvalidRefresh,
@@ -18,6 +17,7 @@ from chat.tokens import (
     RefreshReused,
     TokenCertMismatch,
 )
+from chat.store.state import StateStore
 
 NOW = 1_700_000_000.0
 DAY = 86400.0

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chat.errors import (
+from chat.protocol.errors import (
     CloseCode,
     FrameTooLarge,
     MalformedFrame,
@@ -16,7 +16,7 @@ from chat.errors import (
     StompProtocolError,
     UnknownCommand,
 )
-from chat.stomp import (
+from chat.protocol.stomp import (
     CLIENT_COMMANDS,
     HEARTBEAT,
     MAX_FRAME_BYTES,

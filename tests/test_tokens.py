@@ -17,9 +17,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.utils import base64url_encode
 
-from chat.errors import HttpRefusal
-from chat.store.keys import KeyStore
-from chat.tokens import (
+from chat.protocol.errors import HttpRefusal
+from chat.protocol.tokens import (
     AUDIENCE,
     Claims,
     IdentityRevoked,
@@ -38,6 +37,7 @@ from chat.tokens import (
     check_binding,
     jwk_thumbprint,
 )
+from chat.store.keys import KeyStore
 
 NOW = 1_700_000_000.0
 X5T = "q3bHd0Gm0fT8Nz7W2sXkq0o2m1R8y5m2bB0lT1iYf8E"

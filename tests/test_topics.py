@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chat.errors import CloseCode, InvalidDestination
-from chat.topics import (
+from chat.protocol.errors import CloseCode, InvalidDestination
+from chat.protocol.topics import (
     MAX_DESTINATION_LENGTH,
     MAX_SEGMENTS,
     TOPIC_PREFIX,

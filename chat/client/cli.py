@@ -41,8 +41,8 @@ from chat.client.errors import ClientError, TlsFailure, TokenRefused
 from chat.client.messages import Message
 from chat.client.resilient import ResilientSession, open_session
 from chat.client.terminal import ChatSession, Console, first_of, history_file, open_console
-from chat.errors import InvalidDestination
 from chat.pki import PkiError, rejection_cause
+from chat.protocol.errors import InvalidDestination
 
 PROG = "chat-client"
 DEFAULT_URL = "wss://127.0.0.1:8443/ws"  # chat-server's default listener

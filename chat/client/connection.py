@@ -39,9 +39,10 @@ from chat.client.http import TokenGrant
 from chat.client.messages import Message, Position, Subscribed
 from chat.client.tls import WS_SCHEMES, parse_url
 from chat.client.websocket import WebSocketLink, open_websocket
-from chat.errors import CloseCode, LocalProtocolError, StompProtocolError
 from chat.protocol import events
 from chat.protocol.connection import SILENCE_FACTOR, ConnectionLimits, Role, StompConnection
+from chat.protocol.errors import CloseCode, LocalProtocolError, StompProtocolError
+from chat.protocol.stomp import Frame, Limits
 from chat.protocol.wire import (
     STOMP_SUBPROTOCOL,
     STOMP_VERSION,
@@ -49,7 +50,6 @@ from chat.protocol.wire import (
     TOKEN_DESTINATION,
     bearer_subprotocol,
 )
-from chat.stomp import Frame, Limits
 
 __all__ = [
     "ClientError",

@@ -12,7 +12,7 @@ from datetime import date, datetime
 
 from chat.client.messages import Message
 from chat.client.resilient import Event, Online, Reconnecting, Recovered
-from chat.topics import ANY, ONE, TOPIC_PREFIX, parse_destination
+from chat.protocol.topics import ANY, ONE, TOPIC_PREFIX, parse_destination
 
 Styled = tuple[tuple[str, str], ...]  # (prompt_toolkit style class, text) fragments
 

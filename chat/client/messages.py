@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chat.errors import MalformedFrame
-from chat.stomp import Frame
+from chat.protocol.errors import MalformedFrame
+from chat.protocol.stomp import Frame
 
 
 @dataclass(frozen=True, slots=True)

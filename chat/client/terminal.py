@@ -44,7 +44,7 @@ from chat.client.display import (
 from chat.client.errors import ReceiptTimeout, StompError
 from chat.client.messages import Message
 from chat.client.resilient import Event, NotDelivered, Online, Reconnecting, Recovered
-from chat.errors import InvalidDestination
+from chat.protocol.errors import InvalidDestination
 
 READ_CHUNK = 4096  # bytes per os.read() of a piped stdin
 JOIN_BACKLOG = 20  # messages of a room shown on joining it, before the live ones

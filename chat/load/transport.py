@@ -34,8 +34,8 @@ from chat.client.resilient import (
 )
 from chat.load.identities import Identity
 from chat.load.stats import Positions, SubscriberCount
+from chat.protocol.stomp import Frame, encode
 from chat.protocol.wire import STOMP_SUBPROTOCOL, bearer_subprotocol
-from chat.stomp import Frame, encode
 
 HEARTBEAT = (0, 0)  # no STOMP heart-beats: a run is short and its traffic proves liveness
 # Reconnect soon after a restart (a run lasts seconds), full jitter spreads the herd; a send

@@ -1,6 +1,6 @@
 """One STOMP 1.2 connection as a state machine, sans-IO, for either end (as h11's `Connection`).
 
-How this works: `receive_data(data, now)` feeds the codec (`chat.stomp.FrameParser`) and
+How this works: `receive_data(data, now)` feeds the codec (`chat.protocol.stomp.FrameParser`) and
 queues the frames it completes; `next_event()` takes them one at a time, looks each up in
 the state table for the frames the peer's role sends, checks the headers STOMP requires,
 moves the state and returns a typed event (None: more data needed). `send(frame, now)`
@@ -26,10 +26,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
-from chat.errors import LocalProtocolError, MalformedFrame, PolicyViolation, StompProtocolError
 from chat.protocol import events
-from chat.protocol.wire import STOMP_VERSIONS
-from chat.stomp import (
+from chat.protocol.errors import (
+    LocalProtocolError,
+    MalformedFrame,
+    PolicyViolation,
+    StompProtocolError,
+)
+from chat.protocol.stomp import (
     CLIENT_COMMANDS,
     HEARTBEAT,
     SERVER_COMMANDS,
@@ -40,6 +44,7 @@ from chat.stomp import (
     negotiate_heartbeat,
     parse_heartbeat,
 )
+from chat.protocol.wire import STOMP_VERSIONS
 
 SILENCE_FACTOR: Final = 2  # PROTOCOL.md §5: silent for twice the agreed interval means dead
 MAX_PENDING_RECEIPTS: Final = 4096  # asked and unanswered: a peer that never answers is stuck

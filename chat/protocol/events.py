@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chat.stomp import Frame
+from chat.protocol.stomp import Frame
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """What both ends of a chat connection must spell the same way, defined once (PROTOCOL.md).
 
-Close codes live with the errors that carry them (`chat.errors.CloseCode`).
+Close codes live with the errors that carry them (`chat.protocol.errors.CloseCode`).
 """
 
 from __future__ import annotations

@@ -28,8 +28,10 @@ from wsproto.events import AcceptConnection
 from wsproto.utilities import RemoteProtocolError as WsProtocolError
 
 from chat import pki
-from chat.errors import CloseCode, HttpRefusal
 from chat.history import History
+from chat.protocol.errors import CloseCode, HttpRefusal
+from chat.protocol.stomp import FrameParser, Limits
+from chat.protocol.tokens import Claims, TokenAuthority, TokenPolicy, TrustedIssuer
 from chat.protocol.wire import WS_PATH
 from chat.server.broker import Broker
 from chat.server.config import ServerConfig
@@ -39,11 +41,9 @@ from chat.server.http_api import BadRequest, HttpApi, Peer, Request, Response, r
 from chat.server.session import SessionLimits, StompSession
 from chat.server.storage import Lane, StorageUnavailable
 from chat.server.upgrade import BadHandshake, authorize, is_upgrade
-from chat.stomp import FrameParser, Limits
 from chat.store.history import Retention
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
-from chat.tokens import Claims, TokenAuthority, TokenPolicy, TrustedIssuer
 
 log = logging.getLogger("chat.server")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from chat.history import History, Position
+from chat.protocol.stomp import encode_header
+from chat.protocol.topics import TopicTrie
 from chat.server.durability import Durability
-from chat.stomp import encode_header
 from chat.store.history import Stored
-from chat.topics import TopicTrie
 from chat.wsframes import data_frame
 
 

@@ -26,12 +26,12 @@ from chat.cli_common import (
     config_from,
     run_main,
 )
+from chat.protocol.tokens import TokenConfigError
 from chat.server.app import ChatServer
 from chat.server.config import DEFAULT_PORT, ConfigError, ServerConfig
 from chat.store.errors import StoreUnusable
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
-from chat.tokens import TokenConfigError
 
 PROG = "chat-server"
 DEV_CLIENTS = ("alice", "bob")

@@ -24,11 +24,11 @@ from wsproto import WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-from chat.errors import CloseCode, PolicyViolation, StompProtocolError
 from chat.protocol import events
 from chat.protocol.connection import ConnectionLimits, Role, State, StompConnection
+from chat.protocol.errors import CloseCode, PolicyViolation, StompProtocolError
+from chat.protocol.stomp import HEARTBEAT, Frame, FrameParser
 from chat.server.session import StompSession
-from chat.stomp import HEARTBEAT, Frame, FrameParser
 from chat.wsframes import data_frame
 
 log = logging.getLogger("chat.server")

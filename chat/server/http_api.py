@@ -14,12 +14,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from chat.errors import HttpRefusal
+from chat.protocol.errors import HttpRefusal
+from chat.protocol.tokens import TokenAuthority
 from chat.protocol.wire import BEARER_PREFIX, STOMP_SUBPROTOCOL, WS_PATH
 from chat.server.storage import Lane
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
-from chat.tokens import TokenAuthority
 
 UPGRADE_HINT = (
     "This is a STOMP over WebSocket endpoint. Connect with wss:// and an Upgrade: websocket\n"

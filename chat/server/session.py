@@ -25,9 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from chat.errors import HttpRefusal, InvalidDestination, MalformedFrame, PolicyViolation
 from chat.history import HistoryGap
 from chat.protocol import events
+from chat.protocol.errors import HttpRefusal, InvalidDestination, MalformedFrame, PolicyViolation
+from chat.protocol.stomp import Frame
+from chat.protocol.tokens import Claims, TokenAuthority, check_binding
+from chat.protocol.topics import ANY, ONE, parse_destination
 from chat.protocol.wire import TEXT_PLAIN, TOKEN_DESTINATION
 from chat.server.broker import (
     SERVER_HEADERS,
@@ -38,9 +41,6 @@ from chat.server.broker import (
     message_frame,
     message_tail,
 )
-from chat.stomp import Frame
-from chat.tokens import Claims, TokenAuthority, check_binding
-from chat.topics import ANY, ONE, parse_destination
 
 SERVER_NAME = "chat/0.1"
 # One refill of a replay: big enough to amortize a send_all, small next to a default outbox.

@@ -29,7 +29,7 @@ from typing import ClassVar, TypeVar, TypeVarTuple
 
 import trio
 
-from chat.errors import HttpRefusal
+from chat.protocol.errors import HttpRefusal
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")

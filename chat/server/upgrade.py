@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chat.errors import HttpRefusal
-from chat.protocol.wire import BEARER_PREFIX, STOMP_SUBPROTOCOLS
-from chat.server.http_api import Peer, Request
-from chat.tokens import (
+from chat.protocol.errors import HttpRefusal
+from chat.protocol.tokens import (
     Claims,
     InvalidToken,
     MissingToken,
@@ -21,6 +19,8 @@ from chat.tokens import (
     TokenRevoked,
     check_binding,
 )
+from chat.protocol.wire import BEARER_PREFIX, STOMP_SUBPROTOCOLS
+from chat.server.http_api import Peer, Request
 
 
 class UnsupportedSubprotocol(HttpRefusal):

@@ -36,9 +36,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from chat.store.errors import opening
-from chat.store.files import write_atomic
-from chat.tokens import (
+from chat.protocol.tokens import (
     PRIVATE_KEY_TYPES,
     PrivateKey,
     PublicKey,
@@ -48,6 +46,8 @@ from chat.tokens import (
     jwk_thumbprint,
     public_jwk,
 )
+from chat.store.errors import opening
+from chat.store.files import write_atomic
 
 RSA_KEY_BITS = 3072  # NIST SP 800-57: 128-bit security, matching P-256 and Ed25519
 INDEX_NAME = "keys.json"

@@ -23,10 +23,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from chat.errors import HttpRefusal
-from chat.store.errors import opening
-from chat.store.sqlite import open_private, transaction
-from chat.tokens import (
+from chat.protocol.errors import HttpRefusal
+from chat.protocol.tokens import (
     Claims,
     IdentityRevoked,
     InvalidRefresh,
@@ -34,6 +32,8 @@ from chat.tokens import (
     RefreshReused,
     TokenCertMismatch,
 )
+from chat.store.errors import opening
+from chat.store.sqlite import open_private, transaction
 
 # refresh_families.revoked: 0 live, or why it was revoked (the refusal code depends on it)
 FAMILY_REVOKED = 1  # the operator blocked the identity

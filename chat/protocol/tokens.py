@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from jwt.algorithms import get_default_algorithms
 from jwt.utils import base64url_encode
 
-from chat.errors import HttpRefusal
+from chat.protocol.errors import HttpRefusal
 
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | Ed25519PrivateKey | rsa.RSAPrivateKey
 PublicKey: TypeAlias = ec.EllipticCurvePublicKey | Ed25519PublicKey | rsa.RSAPublicKey

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from chat.errors import (
+from chat.protocol.errors import (
     FrameTooLarge,
     MalformedFrame,
     MissingHeader,

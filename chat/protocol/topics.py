@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Generic, NoReturn, TypeVar
 
-from chat.errors import InvalidDestination
+from chat.protocol.errors import InvalidDestination
 
 TOPIC_PREFIX = "/topic/"
 MAX_DESTINATION_LENGTH = 255  # a name, not a payload; bounds per-message parsing and trie depth
