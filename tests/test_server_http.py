@@ -150,6 +150,21 @@ async def test_tls_with_revoked_certificate_fails(start_server, tmp_path) -> Non
     await _handshake_fails(running, pki_module.client_ssl_context(*own.client("dave"), own.ca))
 
 
+async def test_a_broken_crl_keeps_the_previous_one_in_force(
+    start_server, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CRL rewritten into garbage (a half-written file) is logged and ignored: clients
+    keep connecting, and a certificate the old CRL revoked stays refused."""
+    own, _ = pki_module.ensure_dev_pki(tmp_path / "certs", ("dave", "erin"))
+    pki_module.revoke(own.directory, "dave")
+    running = await start_server(certs_dir=own.directory)
+    own.crl.write_bytes(b"-----BEGIN X509 CRL-----\nnot a crl\n")
+    erin = pki_module.client_ssl_context(*own.client("erin"), own.ca)
+    assert (await http_request(running, erin, "GET", "/healthz")).status == 200
+    await _handshake_fails(running, pki_module.client_ssl_context(*own.client("dave"), own.ca))
+    assert "CRL not reloaded, the previous one stays in force" in caplog.text
+
+
 async def test_token_survives_server_restart(start_server, pki: TestPki, tmp_path) -> None:
     state = tmp_path / "persisted"
     first = await start_server(state_dir=state)

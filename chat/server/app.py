@@ -80,8 +80,16 @@ class TlsContexts:
         )
 
     def current(self) -> ssl.SSLContext:
-        if _mtime(self._config.crl_path()) != self._crl_mtime:
-            self._context = self._build()
+        """The context for a new handshake; a CRL that changed into something unusable (a
+        half-written file, another CA's) is logged once and the previous context kept, so
+        a bad CRL never refuses every client."""
+        mtime = _mtime(self._config.crl_path())
+        if mtime != self._crl_mtime:
+            try:
+                self._context = self._build()
+            except pki.PkiError as exc:
+                self._crl_mtime = mtime  # said once per change of the file
+                log.error("CRL not reloaded, the previous one stays in force: %s", exc)
         return self._context
 
 
