@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import itertools
 import random
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,7 +26,7 @@ from trio_websocket import WebSocketConnection
 from chat.client.auth import TokenSource
 from chat.client.backoff import Backoff
 from chat.client.connection import Message
-from chat.client.errors import TokenRefused
+from chat.client.errors import ServerBusy, TokenRefused
 from chat.client.resilient import (
     Event,
     NotDelivered,
@@ -617,6 +619,32 @@ async def test_sends_queued_together_give_up_together(servers: Servers, pki: Tes
         with trio.fail_after(QUICK.send_timeout / 2), pytest.raises(NotDelivered) as failed:
             await bob.send(LOBBY, "typed long ago", queued_at=trio.current_time() - FAST)
         assert not failed.value.maybe_delivered
+
+
+async def test_a_busy_server_at_start_is_tried_again_then_reported(
+    start_server: StartServer, pki: TestPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token requests answered 503 storage_unavailable (here: the server's refresh-token
+    table is gone) are retried like an unreachable server, then reported as they are."""
+    server = await start_server()
+    state = sqlite3.connect(server.config.state_dir / "state.db", isolation_level=None)
+    try:
+        state.execute("DROP TABLE refresh_tokens")
+    finally:
+        state.close()
+    tried: list[str] = []
+    real = server.server.state.issue_refresh
+
+    def counted(*args: Any) -> str:
+        tried.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(server.server.state, "issue_refresh", counted)
+    with trio.fail_after(FAST), pytest.raises(ServerBusy) as busy:
+        async with resilient_as(server.ws_url, server, pki):
+            pass
+    assert (busy.value.status, busy.value.code) == (503, "storage_unavailable")
+    assert tried == ["bob"] * QUICK.start_attempts
 
 
 async def test_revoked_identity_ends_the_session(start_server: StartServer, pki: TestPki) -> None:

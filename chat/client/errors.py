@@ -7,6 +7,7 @@ status and JSON code (PROTOCOL.md §2, §7); STOMP ERROR frames carry `message` 
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from chat.protocol import events
@@ -47,6 +48,10 @@ class TokenRefused(ClientError):
         self.status = status
         self.code = code
         self.detail = detail
+
+
+class ServerBusy(TokenRefused):
+    """Refused for now, not for good (HTTP 503: the server's storage is busy): worth a retry."""
 
 
 class BadResponse(ClientError):
@@ -99,7 +104,8 @@ def sole_exception(group: BaseExceptionGroup) -> BaseException | None:
 def refusal(status: int, payload: dict[str, Any]) -> TokenRefused:
     """TokenRefused from a refusal's JSON body `{"error": CODE, "detail": ...}`."""
     code, detail = payload.get("error"), payload.get("detail")
-    return TokenRefused(
+    kind = ServerBusy if status == HTTPStatus.SERVICE_UNAVAILABLE else TokenRefused
+    return kind(
         status,
         code if isinstance(code, str) else f"http_{status}",
         detail if isinstance(detail, str) else "",

@@ -47,6 +47,7 @@ from chat.client.errors import (
     ClientError,
     ConnectionLost,
     ReceiptTimeout,
+    ServerBusy,
     ServerUnreachable,
     SilentRefusal,
     StompError,
@@ -81,6 +82,7 @@ MAX_UNREAD_EVENTS = 4096  # events not yet taken by the application; beyond, the
 # we do not trust) would fail the same way again, so it ends the session.
 _TRANSIENT: tuple[type[ClientError], ...] = (
     ServerUnreachable,
+    ServerBusy,
     ConnectionLost,
     StompError,
     ReceiptTimeout,
@@ -306,16 +308,18 @@ class ResilientSession:
     async def _start(
         self, grant: TokenGrant | None, task_status: trio.TaskStatus[None]
     ) -> ClientError:
-        """The first link, retried only while the server is unreachable; why it ended."""
+        """The first link, retried only while the server is unreachable or busy; why it ended."""
         attempts = self._resilience.start_attempts
         failed = 0
         while True:
             try:
                 return await self._hold(grant, task_status.started)
-            except ServerUnreachable as exc:
+            except (ServerUnreachable, ServerBusy) as exc:
                 failed += 1
                 if failed >= attempts:
-                    raise gave_up(exc, attempts) from exc
+                    if isinstance(exc, ServerUnreachable):
+                        raise gave_up(exc, attempts) from exc
+                    raise
                 await trio.sleep(self._resilience.backoff.delay(failed - 1))
 
     async def _reconnect(self, reason: ClientError) -> None:
