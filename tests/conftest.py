@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -16,6 +17,9 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from chat import pki as pki_module
 from chat.server.app import ChatServer
 from chat.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from tests.below_tls import BelowTls
 
 CLIENTS = ("alice", "bob", "carol")
 
@@ -211,3 +215,26 @@ async def stomp_peer(
         peer = StompPeer(ws)
         await peer.connect(heartbeat)
         yield peer
+
+
+# ---------------------------------------------------------------- below TLS (tests/below_tls.py)
+
+
+@pytest.fixture
+def start_below_tls(
+    pki: TestPki, tmp_path: Path, nursery: trio.Nursery
+) -> Callable[..., Awaitable[BelowTls]]:
+    """Start the server below TLS (memory streams, MockClock, a wall clock that follows it);
+    keyword arguments override ServerConfig fields. The test takes `autojump_clock` too:
+    pytest-trio runs a test on a fixture's clock only when the test names it."""
+    from tests import below_tls
+
+    async def start(**overrides: object) -> BelowTls:
+        return await below_tls.start_below_tls(pki, tmp_path / "state", nursery, **overrides)
+
+    return start
+
+
+@pytest.fixture
+async def below_tls(start_below_tls: Callable[..., Awaitable[BelowTls]]) -> BelowTls:
+    return await start_below_tls()

@@ -33,9 +33,10 @@ from chat.client.errors import (
     TlsFailure,
     TokenRefused,
 )
-from chat.client.http import fetch_token
+from chat.client.http import TokenGrant, fetch_token
 from chat.client.messages import Message
 from chat.protocol.stomp import CLIENT_COMMANDS, Frame, FrameParser, encode
+from tests.below_tls import BelowTls
 from tests.conftest import RunningServer, StartServer, StompPeer, TestPki, raw_ws, token_for
 
 FAST = 5  # seconds: every wait in these tests is local and should take milliseconds
@@ -203,25 +204,40 @@ async def test_server_shutdown_is_1001(server: RunningServer, pki: TestPki) -> N
     assert "shutting down" in str(lost.value)
 
 
-async def test_heartbeats_keep_an_idle_connection(start_server: StartServer, pki: TestPki) -> None:
-    """Both sides beat every 200 ms; idle for twice either side's 400 ms death limit."""
-    server = await start_server(heartbeat=(200, 200))
-    async with chat_as(server, pki, "alice", heartbeat=(200, 200)) as alice:
+# ---------------------------------------------------------------- below TLS, on the mock clock
+
+
+async def test_heartbeats_keep_an_idle_connection(start_below_tls, autojump_clock) -> None:
+    """Both sides beat every 200 ms; idle for 75 times either side's 400 ms death limit."""
+    below: BelowTls = await start_below_tls(heartbeat=(200, 200))
+    async with below.client("alice", heartbeat=(200, 200)) as alice:
         assert alice.heartbeat == (200, 200)
         await alice.subscribe("/topic/lobby")
-        await trio.sleep(0.8)
+        await trio.sleep(30)
         await alice.send("/topic/lobby", "still here")
         assert (await next_message(alice)).text == "still here"
+        assert alice.failure is None
 
 
-async def test_token_is_renewed_in_band(start_server: StartServer, pki: TestPki) -> None:
-    """A 3 s token (the server checks expiry every second): open_chat renews it in time."""
-    server = await start_server(token_lifetime=3.0)
-    async with chat_as(server, pki, "alice") as alice:
+async def test_token_is_renewed_in_band(start_below_tls, autojump_clock) -> None:
+    """A 60 s token (the server checks expiry every second): the client renews it in time,
+    again and again, on the same connection."""
+    below: BelowTls = await start_below_tls(token_lifetime=60)
+    grant = await below.grant("alice")
+    renewed: list[float] = []
+
+    async def renew() -> TokenGrant:
+        renewed.append(trio.current_time())
+        return await below.grant("alice")
+
+    async with below.client("alice", token=grant.access_token) as alice:
+        alice.keep_authorized(renew, grant.expires_in)
         await alice.subscribe("/topic/lobby")
-        await trio.sleep(4.1)
+        await trio.sleep(200)  # over three lifetimes of a token
         await alice.send("/topic/lobby", "after the first token expired")
         assert (await next_message(alice)).text == "after the first token expired"
+        assert alice.failure is None
+    assert len(renewed) >= 4
 
 
 # ---------------------------------------------------------------- failures, each with its type

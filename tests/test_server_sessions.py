@@ -1,4 +1,8 @@
-"""A live connection never outlives its authorization, and one bad peer never hurts another."""
+"""A live connection never outlives its authorization, and one bad peer never hurts another.
+
+Time-driven cases (expiry, renewal, connect timeout, slow consumer) run below TLS on the
+mock clock (tests/below_tls.py); revocation and key rotation run over real TLS.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,21 @@ import time
 import jwt
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed
 
+from chat.server.connection import GUARD_TICK
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
+from tests.below_tls import BelowTls
 from tests.conftest import RunningServer, StompPeer, TestPki, raw_ws, stomp_peer, token_for
 
 
 async def closed_with(peer: StompPeer, message: str, code: int, timeout: float = 5) -> None:
     with trio.fail_after(timeout):
-        frame = await peer.receive()
+        frame = await peer.receive(timeout)
         while frame.command != "ERROR":
-            frame = await peer.receive()
+            frame = await peer.receive(timeout)
         assert frame.get("message") == message, frame
         with pytest.raises(ConnectionClosed) as info:
             while True:
@@ -54,39 +61,41 @@ async def test_revoking_one_jti_closes_that_connection(start_server, pki: TestPk
         await closed_with(alice, "token revoked", 1008, timeout=2)
 
 
-async def test_connection_closes_when_token_expires(start_server, pki: TestPki) -> None:
-    server = await start_server(token_lifetime=1)
-    async with stomp_peer(server, pki, "alice") as alice:
-        await closed_with(alice, "token expired", 1008, timeout=4)
+async def test_connection_closes_when_token_expires(start_below_tls, autojump_clock) -> None:
+    """Closed once the wall clock reaches `exp`, within one guard tick, and not before."""
+    below: BelowTls = await start_below_tls(token_lifetime=60)
+    token = await below.token("alice")
+    async with below.stomp_peer("alice", token=token) as alice:
+        expires_in = _exp(token) - below.server.clock()
+        start = trio.current_time()
+        await closed_with(alice, "token expired", 1008, timeout=120)
+        assert expires_in <= trio.current_time() - start <= expires_in + GUARD_TICK
+
+
+FLOOD = 50  # messages of 8000 bytes: six times a stalled peer's 64 KiB outbound buffer
 
 
 def _exp(token: str) -> int:
     return int(jwt.decode(token, options={"verify_signature": False})["exp"])
 
 
-async def _wall_clock_reaches(instant: float) -> None:
-    """Tokens expire on the wall clock (whole seconds): wait for it, not for trio's."""
-    await trio.sleep(max(0.0, instant - time.time()))
-
-
-async def test_in_band_renewal_extends_authorization(start_server, pki: TestPki) -> None:
+async def test_in_band_renewal_extends_authorization(start_below_tls, autojump_clock) -> None:
     """Renewed half a second before the first token's `exp`, the connection outlives it.
 
     Heart-beats every 100 ms make the server check authorization every 50 ms, so without
     the renewal the connection would be closed by the time alice sends again."""
-    server = await start_server(token_lifetime=2, heartbeat=(100, 100))
-    first = await token_for(server, pki, "alice")
-    async with raw_ws(server, pki, "alice", token=first) as ws:
-        alice = StompPeer(ws)
-        await alice.connect(heartbeat="0,100")
-        await _wall_clock_reaches(_exp(first) - 0.5)
-        fresh = await token_for(server, pki, "alice")
+    below: BelowTls = await start_below_tls(token_lifetime=60, heartbeat=(100, 100))
+    first = await below.token("alice")
+    async with below.stomp_peer("alice", heartbeat="0,100", token=first) as alice:
+        await trio.sleep(_exp(first) - 0.5 - below.server.clock())
+        fresh = await below.token("alice")
         assert _exp(fresh) > _exp(first)  # issued in a later second
         await alice.send(
             "SEND", {"destination": "/session/token", "receipt": "renewed"}, fresh.encode()
         )
         assert (await alice.receive()).get("receipt-id") == "renewed"
-        await _wall_clock_reaches(_exp(first) + 0.3)  # past the first token, inside the fresh
+        await trio.sleep(0.8)  # past the first token, inside the fresh one
+        assert below.server.clock() > _exp(first)
         await alice.send("SEND", {"destination": "/topic/x", "receipt": "alive"})
         assert (await alice.receive()).get("receipt-id") == "alive"
 
@@ -100,18 +109,26 @@ async def test_renewal_with_another_identity_token_is_refused(server, pki: TestP
         assert b"token_cert_mismatch" in frame.body
 
 
-async def test_no_connect_frame_in_time(start_server, pki: TestPki) -> None:
-    server = await start_server(connect_timeout=0.3)
-    async with raw_ws(server, pki, "alice") as ws:
+async def test_no_connect_frame_in_time(start_below_tls, autojump_clock) -> None:
+    below: BelowTls = await start_below_tls(connect_timeout=3)
+    async with below.raw_ws("alice") as ws:
+        start = trio.current_time()
         await closed_with(StompPeer(ws), "connect timeout", 1008)
+        assert trio.current_time() - start == 3
 
 
-async def test_slow_consumer_is_evicted_without_hurting_others(start_server, pki) -> None:
-    server = await start_server(outbound_buffer_bytes=64 * 1024, max_frame_bytes=16 * 1024)
+async def test_slow_consumer_is_evicted_without_hurting_others(
+    start_below_tls, autojump_clock
+) -> None:
+    """bob's stream is in lockstep (a write waits for his read, as a full socket buffer
+    makes it wait) and bob never reads: the server drops him, not the room."""
+    below: BelowTls = await start_below_tls(
+        outbound_buffer_bytes=64 * 1024, max_frame_bytes=16 * 1024
+    )
     async with (
-        stomp_peer(server, pki, "bob") as stalled,
-        stomp_peer(server, pki, "carol") as ok,
-        stomp_peer(server, pki, "alice") as alice,
+        below.stomp_peer("bob", pair=trio.testing.lockstep_stream_pair) as stalled,
+        below.stomp_peer("carol") as ok,
+        below.stomp_peer("alice") as alice,
     ):
         for peer in (stalled, ok):
             await peer.send("SUBSCRIBE", {"destination": "/topic/flood", "id": "f", "receipt": "r"})
@@ -122,14 +139,14 @@ async def test_slow_consumer_is_evicted_without_hurting_others(start_server, pki
             got = []
 
             async def drain() -> None:
-                while len(got) < 400:
+                while len(got) < FLOOD:
                     got.append(await ok.receive())
 
             nursery.start_soon(drain)
-            for n in range(400):  # paced by receipts: a reader keeps up, the stalled one cannot
+            for n in range(FLOOD):  # paced by receipts: a reader keeps up, the stalled one cannot
                 await alice.send("SEND", {"destination": "/topic/flood", "receipt": str(n)}, body)
                 assert (await alice.receive()).get("receipt-id") == str(n)
-        assert len(got) == 400
+        assert len(got) == FLOOD
         with trio.fail_after(5):
             frames = []
             with pytest.raises(ConnectionClosed):

@@ -1,4 +1,6 @@
-"""STOMP 1.2 over the real server: routing, stamping, receipts, errors, heart-beats, shutdown."""
+"""STOMP 1.2 over the real server: routing, stamping, receipts, errors, heart-beats, shutdown.
+
+Heart-beat timing is also checked below TLS on the mock clock (tests/below_tls.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from chat.protocol.stomp import Frame, encode
+from chat.server.connection import GUARD_TICK
+from tests.below_tls import BelowTls
 from tests.conftest import RunningServer, StompPeer, TestPki, raw_ws, stomp_peer
 
 
@@ -248,11 +252,30 @@ async def test_silent_peer_is_closed_after_twice_the_interval(start_server, pki)
         assert trio.current_time() - start >= 0.2
 
 
-async def test_peer_sending_heartbeats_stays_connected(start_server, pki) -> None:
-    server = await start_server(heartbeat=(100, 100))
-    async with stomp_peer(server, pki, "alice", heartbeat="100,100") as alice:
+async def test_silent_peer_is_closed_on_the_clock(start_below_tls, autojump_clock) -> None:
+    """Below TLS, on the mock clock: beats due every 10 s, closed once 20 s pass in silence
+    (the guard looks every second); the server beat at 10 s meanwhile."""
+    below: BelowTls = await start_below_tls(heartbeat=(10000, 10000))
+    async with below.stomp_peer("alice", heartbeat="10000,10000") as alice:
+        start = trio.current_time()
+        beats: list[float] = []
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(60):
+            while True:
+                message = await alice.ws.get_message()
+                if message == "\n":
+                    beats.append(trio.current_time() - start)
+                else:
+                    assert "heart-beat timeout" in str(message)
+        assert 20 <= trio.current_time() - start <= 20 + GUARD_TICK
+    assert info.value.reason.code == 1008
+    assert beats == [pytest.approx(10, abs=GUARD_TICK)]
+
+
+async def test_peer_sending_heartbeats_stays_connected(start_below_tls, autojump_clock) -> None:
+    below: BelowTls = await start_below_tls(heartbeat=(100, 100))
+    async with below.stomp_peer("alice", heartbeat="100,100") as alice:
         received = 0
-        with trio.move_on_after(1.0):
+        with trio.move_on_after(10):
             while True:
                 await alice.ws.send_message("\n")
                 with trio.move_on_after(0.05):
@@ -261,7 +284,7 @@ async def test_peer_sending_heartbeats_stays_connected(start_server, pki) -> Non
                     received += 1
         await alice.send("SEND", {"destination": "/topic/x", "receipt": "alive"})
         assert (await alice.receive()).get("receipt-id") == "alive"
-    assert received >= 3
+    assert received >= 10 / 0.15  # one every 100 to 150 ms: the guard looks every 50 ms
 
 
 async def test_websocket_ping_gets_pong(server: RunningServer, pki: TestPki) -> None:

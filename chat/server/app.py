@@ -1,14 +1,18 @@
 """The server: one TLS listener, HTTP routing with h11, WebSocket STOMP with wsproto.
 
 How this works: the accept loop and the connection handlers live in separate nurseries.
-Each handler does the TLS handshake and reads the request head under one timeout, then
-either answers a plain HTTP route or upgrades to a `Connection`. A failure in one handler
-ends only that connection. Shutdown stops accepting, asks every connection to close
-with 1001, and cancels what is left after the grace period. Storage is opened once, before
-serving; from then on it is called only through the stores' lanes (`storage.py`), and the
-upgrade and every live session check revocations against the state store's snapshot,
-which two background tasks keep fresh: one polls the revocation counter, one the key
-directory (each in its own lane, so a locked key directory never delays a revocation).
+Each handler does the TLS handshake, then hands the stream and the `Peer` it established to
+`serve_stream`, which reads the request head (under the same timeout as the handshake) and
+either answers a plain HTTP route or upgrades to a `Connection`; `serve_stream` takes any
+`trio.abc.Stream`, so the layers above TLS also run over a memory stream. A failure in one
+handler ends only that connection. The wall clock (token issue and expiry, timestamps,
+retention) is the `clock` the server is given. Shutdown stops accepting, asks every
+connection to close with 1001, and cancels what is left after the grace period. Storage
+is opened once, before serving; from then on it is called only through the stores' lanes
+(`storage.py`), and the upgrade and every live session check revocations against the state
+store's snapshot, which two background tasks keep fresh: one polls the revocation counter,
+one the key directory (each in its own lane, so a locked key directory never delays a
+revocation).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import os
 import ssl
 import time
-from functools import partial
+from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
 import h11
@@ -101,10 +105,21 @@ def _mtime(path: os.PathLike[str]) -> float | None:
 
 
 class ChatServer:
-    """Owns the listener, the shared state and every live connection."""
+    """Owns the listener, the shared state and every live connection.
 
-    def __init__(self, config: ServerConfig) -> None:
+    `clock` is the wall clock in seconds (tokens, expiry, timestamps, retention); `lane`
+    makes each store's `Lane` (by default worker threads).
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        lane: Callable[[], Lane] = Lane,
+    ) -> None:
         self.config = config
+        self.clock = clock
         self.tls = TlsContexts(config)
         self.keys = KeyStore.open(config.state_dir / "keys")
         trusted = [TrustedIssuer.from_jwks_file(path, iss) for path, iss in config.trusted_jwks]
@@ -119,11 +134,11 @@ class ChatServer:
         )
         self.state = StateStore.open(config.state_dir / "state.db")
         self.history = _open_history(config)
-        self.keys_lane, self.state_lane, self.history_lane = Lane(), Lane(), Lane()
+        self.keys_lane, self.state_lane, self.history_lane = lane(), lane(), lane()
         self.durability = Durability(self.history, self.history_lane)
-        self.broker = Broker(self.history, self.durability)
+        self.broker = Broker(self.history, self.durability, clock)
         self.api = HttpApi(
-            self.authority, self.keys, self.state, self.state_lane, config.refresh_lifetime
+            self.authority, self.keys, self.state, self.state_lane, config.refresh_lifetime, clock
         )
         self.connections: set[Connection] = set()
         self._stop = trio.Event()
@@ -144,28 +159,35 @@ class ChatServer:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Serve TLS on `listeners` (default: bind the configured port) until `shutdown()`."""
+
+        async def accept(handlers: trio.Nursery) -> None:
+            bound = listeners or await self.listen()
+            port = bound[0].socket.getsockname()[1]
+            log.info(
+                "listening on https://%s:%d (STOMP at wss://%s:%d/ws)",
+                self.config.host,
+                port,
+                self.config.host,
+                port,
+            )
+            task_status.started(port)
+            await trio.serve_listeners(self._handle, bound, handler_nursery=handlers)
+
+        await self.serve(accept)
+
+    async def serve(self, accept: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+        """Run the shared tasks (group commit, revocation and key polls, pruning) and `accept`,
+        which starts each connection's handler in the nursery it is given, until `shutdown()`;
+        then drain the connections and close storage."""
         try:
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as background:
-                    listeners = listeners or await self.listen()
-                    port = listeners[0].socket.getsockname()[1]
-                    background.start_soon(
-                        partial(
-                            trio.serve_listeners, self._handle, listeners, handler_nursery=handlers
-                        )
-                    )
                     background.start_soon(self._watch_revocations)
                     background.start_soon(self._watch_keys)
                     background.start_soon(self.durability.run)
                     background.start_soon(self._prune)
-                    log.info(
-                        "listening on https://%s:%d (STOMP at wss://%s:%d/ws)",
-                        self.config.host,
-                        port,
-                        self.config.host,
-                        port,
-                    )
-                    task_status.started(port)
+                    background.start_soon(accept, handlers)
                     await self._stop.wait()
                     background.cancel_scope.cancel()
                 await self._drain(handlers)
@@ -215,7 +237,7 @@ class ChatServer:
 
     async def _prune(self) -> None:
         while True:
-            now = time.time()
+            now = self.clock()
             lifetime = self.config.token_lifetime + self.config.clock_leeway
             try:
                 await self.keys_lane.run(self.keys.prune, now, lifetime)
@@ -231,21 +253,48 @@ class ChatServer:
     async def _handle(self, raw: trio.SocketStream) -> None:
         """The one boundary where a bug in handling one connection stops at that connection."""
         try:
-            await self._serve_connection(raw)
+            await self._serve_tls(raw)
         except Exception:
             log.exception("internal error on a connection; it was closed")
             await trio.aclose_forcefully(raw)
 
-    async def _serve_connection(self, raw: trio.SocketStream) -> None:
+    async def _serve_tls(self, raw: trio.SocketStream) -> None:
         stream = trio.SSLStream(raw, self.tls.current(), server_side=True, https_compatible=True)
+        deadline = trio.current_time() + self.config.handshake_timeout
         try:
-            with trio.fail_after(self.config.handshake_timeout):
+            with trio.fail_at(deadline):
                 await stream.do_handshake()
                 peer = _peer_of(stream)
-                http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-                request = await _read_request(stream, http)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             log.debug("handshake failed: %r", exc)
+            await trio.aclose_forcefully(stream)
+            return
+        await self._serve_stream(stream, peer, deadline)
+
+    async def serve_stream(
+        self, stream: trio.abc.Stream, peer: Peer, head_deadline: float | None = None
+    ) -> None:
+        """What follows the TLS handshake, over any stream: read the request head (by
+        `head_deadline`, default the handshake timeout from now), route, upgrade, run the
+        connection. `peer` is who the handshake established. Never raises: a failure
+        ends only this connection."""
+        try:
+            await self._serve_stream(stream, peer, head_deadline)
+        except Exception:
+            log.exception("internal error on a connection; it was closed")
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_stream(
+        self, stream: trio.abc.Stream, peer: Peer, head_deadline: float | None
+    ) -> None:
+        if head_deadline is None:
+            head_deadline = trio.current_time() + self.config.handshake_timeout
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        try:
+            with trio.fail_at(head_deadline):
+                request = await _read_request(stream, http)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            log.debug("no request head: %r", exc)
             await trio.aclose_forcefully(stream)
             return
         except (h11.RemoteProtocolError, HttpRefusal) as exc:
@@ -257,10 +306,10 @@ class ChatServer:
             await _respond(stream, http, await self.api.handle(request, peer))
 
     async def _upgrade(
-        self, stream: TlsStream, http: h11.Connection, request: Request, peer: Peer
+        self, stream: trio.abc.Stream, http: h11.Connection, request: Request, peer: Peer
     ) -> None:
         try:
-            upgrade = authorize(request, peer, self.authority, self._is_revoked, time.time())
+            upgrade = authorize(request, peer, self.authority, self._is_revoked, self.clock())
             ws = WSConnection(ConnectionType.SERVER)
             ws.initiate_upgrade_connection(
                 [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers],
@@ -282,7 +331,7 @@ class ChatServer:
             self._limits,
             self.authority,
             self._is_revoked,
-            time.time,
+            self.clock,
         )
         connection = Connection(
             stream,
@@ -323,7 +372,7 @@ def _peer_of(stream: TlsStream) -> Peer:
     return Peer(pki.identity_of(x509.load_der_x509_certificate(der)), pki.thumbprint(der))
 
 
-async def _read_request(stream: TlsStream, http: h11.Connection) -> Request:
+async def _read_request(stream: trio.abc.Stream, http: h11.Connection) -> Request:
     head: h11.Request | None = None
     body = bytearray()
     while True:
@@ -372,7 +421,7 @@ def _as_refusal(exc: Exception) -> HttpRefusal:
     return BadRequest(f"malformed HTTP request: {exc}")
 
 
-async def _respond(stream: TlsStream, http: h11.Connection, response: Response) -> None:
+async def _respond(stream: trio.abc.Stream, http: h11.Connection, response: Response) -> None:
     headers = [
         *response.headers,
         ("Content-Length", str(len(response.body))),

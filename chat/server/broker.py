@@ -13,6 +13,7 @@ only appends those bytes: a publisher never waits on a subscriber.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,10 +71,13 @@ SERVER_HEADERS = frozenset(
 class Broker:
     """Holds every subscription in one topic trie, records and delivers published messages."""
 
-    def __init__(self, history: History, durability: Durability) -> None:
+    def __init__(
+        self, history: History, durability: Durability, clock: Callable[[], float] = time.time
+    ) -> None:
         self._trie: TopicTrie[Subscription] = TopicTrie()
         self.history = history
         self.durability = durability
+        self._clock = clock  # the wall clock of MESSAGE timestamps
 
     def subscribe(self, pattern: tuple[str, ...], subscription: Subscription) -> None:
         self._trie.add(pattern, subscription)
@@ -99,7 +103,7 @@ class Broker:
             message.content_type,
             message.body,
             message.extra_headers,
-            time.time_ns() // 1_000_000,
+            int(self._clock() * 1000),
         )
         self.durability.appended()
         # Visible once durable: nobody may see an offset a crash could give to another message.

@@ -62,11 +62,19 @@ class Lane:
         translated here, once, into `StorageUnavailable`.
         """
         try:
-            return await trio.to_thread.run_sync(call, *args, limiter=self._limiter)
+            return await self.run_blocking(call, *args)
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(
                 f"the server's storage is busy or failing ({exc}); try again shortly"
             ) from exc
+
+    async def run_blocking(self, call: Callable[[*Ts], T], *args: *Ts) -> T:
+        """Where a call runs, errors untranslated: a worker thread, one call at a time.
+
+        A subclass may run calls elsewhere (on the event loop, for a test on trio's
+        `MockClock`, whose autojump would race ahead while a worker thread runs).
+        """
+        return await trio.to_thread.run_sync(call, *args, limiter=self._limiter)
 
     async def run_shielded(self, call: Callable[[*Ts], T], *args: *Ts) -> T:
         """Like `run`, even in a cancelled scope: for closing a store on the way out."""
