@@ -276,8 +276,8 @@ class ChatServer:
     ) -> None:
         """What follows the TLS handshake, over any stream: read the request head (by
         `head_deadline`, default the handshake timeout from now), route, upgrade, run the
-        connection. `peer` is who the handshake established. Never raises: a failure
-        ends only this connection."""
+        connection. `peer` is who the handshake established. An internal error ends only
+        this connection: it is logged, not raised."""
         try:
             await self._serve_stream(stream, peer, head_deadline)
         except Exception:
