@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
-import h11
 import trio
 import trio.testing
 import trio_websocket
@@ -38,7 +37,7 @@ from chat.server.app import ChatServer
 from chat.server.config import ServerConfig
 from chat.server.http_api import Peer
 from chat.server.storage import Lane
-from tests.conftest import HttpReply, StompPeer, TestPki
+from tests.conftest import HttpReply, StompPeer, TestPki, http_exchange
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -183,36 +182,3 @@ async def start_below_tls(
     nursery.start_soon(server.serve, accept)
     await ready.wait()
     return BelowTls(server, pki, handlers[0])
-
-
-async def http_exchange(
-    stream: trio.abc.Stream,
-    method: str,
-    path: str,
-    headers: list[tuple[str, str]] | None = None,
-    body: bytes = b"",
-) -> HttpReply:
-    """Send one request on `stream`, read the answer with h11, close the stream."""
-    conn = h11.Connection(h11.CLIENT)
-    all_headers = [("Host", "chat.test"), ("Content-Length", str(len(body))), *(headers or [])]
-    await stream.send_all(
-        conn.send(h11.Request(method=method, target=path, headers=all_headers))
-        + conn.send(h11.Data(data=body))
-        + conn.send(h11.EndOfMessage())
-    )
-    response: h11.Response | None = None
-    data = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(bytes(await stream.receive_some(65536)))
-        elif isinstance(event, h11.Response):
-            response = event
-        elif isinstance(event, h11.Data):
-            data += event.data
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            break
-    await trio.aclose_forcefully(stream)
-    assert response is not None
-    reply_headers = {k.decode().lower(): v.decode() for k, v in response.headers}
-    return HttpReply(response.status_code, reply_headers, bytes(data))

@@ -139,9 +139,21 @@ async def http_request(
     body: bytes = b"",
 ) -> HttpReply:
     """One raw HTTP/1.1 request over mTLS, parsed with h11, for tests that check headers."""
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", server.port, ssl_context=context)
+    return await http_exchange(stream, method, path, headers, body)
+
+
+async def http_exchange(
+    stream: trio.abc.Stream,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]] | None = None,
+    body: bytes = b"",
+) -> HttpReply:
+    """Send one request on `stream` (TLS, or a memory stream below it), read the answer with
+    h11, close the stream."""
     import h11
 
-    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", server.port, ssl_context=context)
     conn = h11.Connection(h11.CLIENT)
     all_headers = [("Host", "127.0.0.1"), ("Content-Length", str(len(body))), *(headers or [])]
     await stream.send_all(
@@ -154,7 +166,7 @@ async def http_request(
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
         elif isinstance(event, h11.Response):
             response = event
         elif isinstance(event, h11.Data):
