@@ -238,27 +238,15 @@ async def test_identities_option_takes_only_those_named(
     assert report.delivered == report.expected == 2 * report.sent > 0
 
 
+def load_command(server: RunningServer, pki: TestPki, *options: str) -> list[str]:
+    """`chat-load --json` as a subprocess against `server`, with a 0.1 s warm-up."""
+    base = ["--url", server.ws_url, "--certs", str(pki.dir), "--warmup", "0.1", "--json"]
+    return [sys.executable, "-m", "chat.load.cli", *base, *options]
+
+
 async def test_cli_json_is_one_object(server: RunningServer, pki: TestPki) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "chat.load.cli",
-        "--url",
-        server.ws_url,
-        "--certs",
-        str(pki.dir),
-        "--subscribers",
-        "3",
-        "--rate",
-        "100",
-        "--duration",
-        "0.5",
-        "--warmup",
-        "0.1",
-        "--server-pid",
-        str(os.getpid()),
-        "--json",
-    ]
+    command = load_command(server, pki, "--subscribers", "3", "--rate", "100", "--duration", "0.5")
+    command += ["--server-pid", str(os.getpid())]
     done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, cwd=ROOT)
     report = json.loads(done.stdout)
     assert set(report) >= {
@@ -282,24 +270,7 @@ async def test_cli_json_is_one_object(server: RunningServer, pki: TestPki) -> No
 async def test_progress_line_on_a_terminal_is_cleared_before_the_report(
     server: RunningServer, pki: TestPki
 ) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "chat.load.cli",
-        "--url",
-        server.ws_url,
-        "--certs",
-        str(pki.dir),
-        "--subscribers",
-        "2",
-        "--rate",
-        "50",
-        "--duration",
-        "1.2",
-        "--warmup",
-        "0.1",
-        "--json",
-    ]
+    command = load_command(server, pki, "--subscribers", "2", "--rate", "50", "--duration", "1.2")
     leader, follower = pty.openpty()
     try:
         done = await trio.run_process(
