@@ -17,6 +17,7 @@ import hashlib
 import ipaddress
 import re
 import ssl
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -353,6 +354,27 @@ def identity_of(cert: x509.Certificate) -> str:
         raise PkiError(f"certificate subject {cert.subject.rfc4514_string()!r} has no single CN")
     value = names[0].value
     return value if isinstance(value, str) else value.decode()
+
+
+def client_identity(der: bytes) -> str:
+    """The identity of a client certificate (PROTOCOL.md §9): exactly one CN, 1-64 of
+    `[A-Za-z0-9_.@-]`. Otherwise a PkiError whose message is plain ASCII, so neither a
+    control character nor a look-alike letter of the CN can reach a log line."""
+    try:
+        with warnings.catch_warnings():  # cryptography warns of an over-long CN: refused below
+            warnings.simplefilter("ignore", UserWarning)
+            names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(
+                NameOID.COMMON_NAME
+            )
+    except ValueError as exc:
+        raise PkiError(f"unreadable client certificate: {ascii(str(exc))}") from None
+    if len(names) != 1:
+        raise PkiError(f"client certificate has {len(names)} CNs, not exactly one")
+    value = names[0].value
+    if not isinstance(value, str) or not CLIENT_NAME_RE.fullmatch(value):
+        shown = ascii(value)[:80]
+        raise PkiError(f"client certificate CN {shown} is not 1-64 of A-Z a-z 0-9 _ . @ -")
+    return value
 
 
 def identity_or_dn(cert: x509.Certificate) -> str:

@@ -26,7 +26,6 @@ from typing import TypeAlias
 
 import h11
 import trio
-from cryptography import x509
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection
 from wsproto.utilities import RemoteProtocolError as WsProtocolError
@@ -269,6 +268,10 @@ class ChatServer:
             log.debug("handshake failed: %r", exc)
             await trio.aclose_forcefully(stream)
             return
+        except pki.PkiError as exc:  # no HTTP byte is read from a peer without an identity
+            log.warning("refused %s: %s", _address(raw), exc)
+            await trio.aclose_forcefully(stream)
+            return
         await self._serve_stream(stream, peer, deadline)
 
     async def serve_stream(
@@ -369,7 +372,15 @@ def _peer_of(stream: TlsStream) -> Peer:
     der = stream.getpeercert(binary_form=True)
     if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than assume
         raise trio.BrokenResourceError("no client certificate")
-    return Peer(pki.identity_of(x509.load_der_x509_certificate(der)), pki.thumbprint(der))
+    return Peer(pki.client_identity(der), pki.thumbprint(der))
+
+
+def _address(raw: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = raw.socket.getpeername()
+    except OSError:
+        return "a peer"
+    return f"{host}:{port}"
 
 
 async def _read_request(stream: trio.abc.Stream, http: h11.Connection) -> Request:
