@@ -29,7 +29,7 @@ from trio_websocket import WebSocketConnection
 
 from chat import pki as pki_module
 from chat.client.connection import StompClient, stomp_over
-from chat.client.http import TokenGrant
+from chat.client.http import Dial, TokenGrant
 from chat.client.tls import Endpoint, ServerUrl
 from chat.client.websocket import websocket_over
 from chat.protocol.wire import WS_PATH
@@ -44,6 +44,7 @@ Ts = TypeVarTuple("Ts")
 
 BASE = 1_800_000_000.0  # the server's wall clock when it starts
 URL = ServerUrl("wss", Endpoint("chat.test", 443), WS_PATH)
+BASE_URL = "https://chat.test"  # the token endpoints, as `server_urls()` derives them
 TIMEOUT = 10.0
 StreamPair = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
 
@@ -87,6 +88,15 @@ class BelowTls:
         ours, theirs = pair()
         self.handlers.start_soon(self.server.serve_stream, theirs, self.peer(name))
         return ours
+
+    def dial(self, name: str) -> Dial:
+        """The client's way to the server (`TokenSource(dial=...)`): a connection from `name`,
+        whatever certificate the SSL context holds."""
+
+        async def dial(endpoint: Endpoint, context: object, timeout: float) -> trio.abc.Stream:
+            return self.open_stream(name)
+
+        return dial
 
     async def http(
         self,

@@ -1,5 +1,7 @@
 """Token lifecycle in the client (PROTOCOL.md §7): the refresh token file, rotation,
-theft detection, fallbacks, handshake expiry, in-band renewal. Real server on loopback."""
+theft detection, fallbacks, handshake expiry, in-band renewal. Real server on loopback;
+expiry and renewal below TLS on the mock clock (tests/below_tls.py), where tokens expire
+at no cost in real time."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from chat.client.errors import TokenRefused
 from chat.client.http import refresh_token
 from chat.client.resilient import Online, Reconnecting, connect_resilient
 from chat.pki import server_ssl_context
-from tests.conftest import RunningServer, StartServer, TestPki
+from tests.below_tls import BASE_URL, URL, BelowTls
+from tests.conftest import RunningServer, TestPki
 from tests.test_client_cli import CLI, cli_args, run_cli
 
 FAST = 5  # seconds: every wait here is on loopback
@@ -35,6 +38,12 @@ def source(
 ) -> TokenSource:
     sink = notices.append if notices is not None else print
     return TokenSource(server.base_url, pki.client_context(name), TokenFile(path), sink)
+
+
+def below_source(below: BelowTls, name: str, path: Path) -> TokenSource:
+    """A TokenSource reaching the server below TLS as `name`."""
+    context = below.pki.client_context(name)
+    return TokenSource(BASE_URL, context, TokenFile(path), print, dial=below.dial(name))
 
 
 def mode(path: Path) -> int:
@@ -265,16 +274,16 @@ async def test_revoked_identity_is_one_line_with_what_to_do(
 
 
 async def test_expired_token_at_handshake_is_refreshed_once(
-    start_server: StartServer, pki: TestPki, tmp_path: Path
+    start_below_tls, autojump_clock, tmp_path: Path
 ) -> None:
-    server = await start_server(token_lifetime=1.0, clock_leeway=0.0)
+    below: BelowTls = await start_below_tls(token_lifetime=1.0, clock_leeway=0.0)
     path = tmp_path / "alice.refresh"
-    tokens = source(server, pki, "alice", path)
+    tokens = below_source(below, "alice", path)
     stale = await tokens.grant()
     expires = jwt.decode(stale.access_token, options={"verify_signature": False})["exp"]
-    await trio.sleep(expires - time.time() + 0.1)
+    await trio.sleep(expires - below.server.clock() + 0.1)
     async with connect_authorized(
-        server.ws_url, pki.client_context("alice"), tokens, grant=stale
+        str(URL), below.pki.client_context("alice"), tokens, grant=stale
     ) as client:
         # refreshed for the retry (in-band renewal waits at least half a second)
         assert path.read_text().strip() != stale.refresh_token
@@ -312,15 +321,15 @@ async def test_expired_twice_is_an_error_not_a_loop(
 
 
 async def test_in_band_renewal_rotates_the_stored_token(
-    start_server: StartServer, pki: TestPki, tmp_path: Path
+    start_below_tls, autojump_clock, tmp_path: Path
 ) -> None:
     """A 2 s token is renewed on the same link (no reconnect), each renewal spending the
     stored refresh token and storing its successor; traffic goes through exactly once."""
-    server = await start_server(token_lifetime=2.0)
+    below: BelowTls = await start_below_tls(token_lifetime=2.0)
     path = tmp_path / "alice.refresh"
-    tokens = source(server, pki, "alice", path)
+    tokens = below_source(below, "alice", path)
     async with connect_resilient(
-        server.ws_url, pki.client_context("alice"), tokens, heartbeat=(0, 0)
+        str(URL), below.pki.client_context("alice"), tokens, heartbeat=(0, 0)
     ) as alice:
         first = await alice.receive()
         assert isinstance(first, Online)

@@ -8,7 +8,9 @@ is locked around each read-spend-write, so two processes sharing a certificate n
 one refresh token twice (the server would take that for theft and revoke the family).
 `connect_authorized()` opens a STOMP connection with a grant, retries once with a fresh
 one when the handshake says `token_expired`, and renews the token in-band while connected.
-Tokens are never printed: not in messages, not in a repr.
+The token endpoints and /ws share one listener, so both are reached through the source's
+`dial` (TCP + TLS; a test's memory stream below TLS). Tokens are never printed: not in
+messages, not in a repr.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from typing import Protocol
 import trio
 
 from chat.client.backoff import DEFAULT_BACKOFF, Backoff
-from chat.client.connection import StompClient, connect
+from chat.client.connection import HANDSHAKE_TIMEOUT, StompClient, stomp_over
 from chat.client.errors import ClientError, ServerUnreachable, TokenRefused
-from chat.client.http import HTTP_TIMEOUT, TokenGrant, fetch_token, refresh_token
-from chat.client.tls import HTTP_SCHEMES, WS_SCHEMES, parse_url
+from chat.client.http import HTTP_TIMEOUT, Dial, TokenGrant, fetch_token, refresh_token
+from chat.client.tls import HTTP_SCHEMES, WS_SCHEMES, open_tls_stream, parse_url
+from chat.client.websocket import websocket_over
 from chat.pki import client_ssl_context
-from chat.protocol.wire import WS_PATH
+from chat.protocol.wire import STOMP_SUBPROTOCOL, WS_PATH, bearer_subprotocol
 from chat.store.files import write_atomic
 
 __all__ = [
@@ -193,7 +196,8 @@ class TokenSource:
 
     `on_notice` hears, in one line, what the user should know (a refresh token used twice,
     a token file from another certificate, a file that cannot be used: then the token is
-    kept in memory only); routine fallbacks only go to the debug log.
+    kept in memory only); routine fallbacks only go to the debug log. `dial` reaches the
+    server, for these requests and for `connect_authorized()`'s link.
     """
 
     def __init__(
@@ -202,8 +206,11 @@ class TokenSource:
         ssl_context: ssl.SSLContext,
         store: TokenStore | None = None,
         on_notice: Notice = log.warning,
+        *,
+        dial: Dial = open_tls_stream,
     ) -> None:
         self.base_url = base_url
+        self.dial = dial
         self._ssl_context = ssl_context
         self._store: TokenStore = store if store is not None else MemoryTokens()
         self._on_notice = on_notice
@@ -226,7 +233,7 @@ class TokenSource:
     async def _rotate(self) -> TokenGrant:
         grant = await self._refreshed()
         if grant is None:
-            grant = await fetch_token(self.base_url, self._ssl_context)
+            grant = await fetch_token(self.base_url, self._ssl_context, dial=self.dial)
         if grant.refresh_token is not None:
             try:
                 self._store.save(grant.refresh_token)
@@ -250,7 +257,7 @@ class TokenSource:
         if stored is None:
             return None
         try:
-            return await refresh_token(self.base_url, self._ssl_context, stored)
+            return await refresh_token(self.base_url, self._ssl_context, stored, dial=self.dial)
         except TokenRefused as refused:
             loud = _LOUD_REFUSALS.get(refused.code)
             if loud is not None:
@@ -289,16 +296,31 @@ async def connect_authorized(
     async with AsyncExitStack() as stack:
         try:
             client = await stack.enter_async_context(
-                connect(ws_url, ssl_context, grant.access_token, heartbeat=heartbeat)
+                _connect(ws_url, ssl_context, grant.access_token, heartbeat, tokens.dial)
             )
         except TokenRefused as refused:
             if refused.code != EXPIRED:
                 raise
             grant = await tokens.grant()
             client = await stack.enter_async_context(
-                connect(ws_url, ssl_context, grant.access_token, heartbeat=heartbeat)
+                _connect(ws_url, ssl_context, grant.access_token, heartbeat, tokens.dial)
             )
         client.keep_authorized(tokens.grant, grant.expires_in)
+        yield client
+
+
+@asynccontextmanager
+async def _connect(
+    ws_url: str, ssl_context: ssl.SSLContext, token: str, heartbeat: tuple[int, int], dial: Dial
+) -> AsyncIterator[StompClient]:
+    """`connection.connect()` over the stream `dial` opens (that one always dials TLS)."""
+    url = parse_url(ws_url, WS_SCHEMES)
+    offered = [STOMP_SUBPROTOCOL, bearer_subprotocol(token)]
+    stream = await dial(url.endpoint, ssl_context, HANDSHAKE_TIMEOUT)
+    async with (
+        websocket_over(stream, url, offered, HANDSHAKE_TIMEOUT) as link,
+        stomp_over(link, url.endpoint.host, heartbeat) as client,
+    ):
         yield client
 
 

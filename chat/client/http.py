@@ -2,12 +2,15 @@
 
 `fetch_token()` and `refresh_token()` are the client's way to an access token; transport
 errors are translated by `chat.client.tls`, refusals carry the server's status and code.
+Each takes the `Dial` that reaches the server: TCP + TLS (`open_tls_stream`) unless a test
+hands in the far end of a memory stream (tests/below_tls.py).
 """
 
 from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +34,7 @@ from chat.client.tls import (
 __all__ = [
     # the token API
     "HTTP_TIMEOUT",
+    "Dial",
     "TokenGrant",
     "fetch_token",
     "refresh_token",
@@ -41,6 +45,9 @@ HTTP_TIMEOUT = 10.0  # a token request is a few ms on a live server; beyond this
 MAX_RESPONSE_BYTES = 64 * 1024  # a token response is under 2 KiB; refuse to buffer a runaway body
 RECEIVE_CHUNK = 16 * 1024  # one TLS record's worth
 USER_AGENT = "chat-client/0.1"
+
+Dial = Callable[[Endpoint, ssl.SSLContext, float], Awaitable[trio.abc.Stream]]
+"""How a request reaches the server: (endpoint, context, timeout) to an open stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,7 @@ async def request_json(
     ssl_context: ssl.SSLContext,
     body: dict[str, Any] | None = None,
     timeout: float = HTTP_TIMEOUT,
+    dial: Dial = open_tls_stream,
 ) -> tuple[int, dict[str, Any]]:
     """One HTTP/1.1 request with an optional JSON body; returns (status, JSON object answer).
 
@@ -66,7 +74,7 @@ async def request_json(
     """
     url = parse_url(base_url, HTTP_SCHEMES)
     payload = b"" if body is None else json.dumps(body).encode()
-    stream = await open_tls_stream(url.endpoint, ssl_context, timeout)
+    stream = await dial(url.endpoint, ssl_context, timeout)
     try:
         with mapped_transport_errors(url.endpoint, connected=True), trio.fail_after(timeout):
             conn = h11.Connection(h11.CLIENT)
@@ -98,7 +106,7 @@ def _request_bytes(
 
 
 async def _read_response(
-    stream: trio.SSLStream[trio.SocketStream], conn: h11.Connection, endpoint: Endpoint
+    stream: trio.abc.Stream, conn: h11.Connection, endpoint: Endpoint
 ) -> tuple[int, bytes]:
     """Read the answer to the request `conn` sent: (status, body)."""
     status, body = 0, bytearray()
@@ -144,17 +152,20 @@ def _json_object(status: int, data: bytes, endpoint: Endpoint) -> dict[str, Any]
 # ---------------------------------------------------------------- tokens
 
 
-async def fetch_token(base_url: str, ssl_context: ssl.SSLContext) -> TokenGrant:
+async def fetch_token(
+    base_url: str, ssl_context: ssl.SSLContext, *, dial: Dial = open_tls_stream
+) -> TokenGrant:
     """POST /auth/token: an access token for the identity of our client certificate."""
-    return _grant(*await request_json(base_url, "POST", "/auth/token", ssl_context))
+    return _grant(*await request_json(base_url, "POST", "/auth/token", ssl_context, dial=dial))
 
 
 async def refresh_token(
-    base_url: str, ssl_context: ssl.SSLContext, refresh_token: str
+    base_url: str, ssl_context: ssl.SSLContext, refresh_token: str, *, dial: Dial = open_tls_stream
 ) -> TokenGrant:
     """POST /auth/refresh: a new pair; the refresh token given is spent (PROTOCOL.md §7)."""
     body = {"refresh_token": refresh_token}
-    return _grant(*await request_json(base_url, "POST", "/auth/refresh", ssl_context, body))
+    answer = await request_json(base_url, "POST", "/auth/refresh", ssl_context, body, dial=dial)
+    return _grant(*answer)
 
 
 def _grant(status: int, payload: dict[str, Any]) -> TokenGrant:
