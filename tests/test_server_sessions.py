@@ -1,7 +1,7 @@
 """A live connection never outlives its authorization, and one bad peer never hurts another.
 
-Time-driven cases (expiry, renewal, connect timeout, slow consumer) run below TLS on the
-mock clock (tests/below_tls.py); revocation and key rotation run over real TLS.
+Time-driven cases (expiry, renewal, connect timeout, slow consumer, picking up a rotated
+key) run below TLS on the mock clock (tests/below_tls.py); revocation runs over real TLS.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from chat.server.connection import GUARD_TICK
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
 from tests.below_tls import BelowTls
-from tests.conftest import RunningServer, StompPeer, TestPki, raw_ws, stomp_peer, token_for
+from tests.conftest import StompPeer, TestPki, raw_ws, stomp_peer, token_for
 
 
 async def closed_with(peer: StompPeer, message: str, code: int, timeout: float = 5) -> None:
@@ -157,13 +157,14 @@ async def test_slow_consumer_is_evicted_without_hurting_others(
         assert stalled.ws.closed.code == 1008
 
 
-async def test_running_server_picks_up_rotated_key(start_server, pki: TestPki) -> None:
-    server: RunningServer = await start_server(revocation_poll=0.1)
-    before = await token_for(server, pki, "alice")
-    new_kid = KeyStore.open(server.config.state_dir / "keys").rotate(time.time())
+async def test_running_server_picks_up_rotated_key(start_below_tls, autojump_clock) -> None:
+    """`chat-server keys rotate` from another process is seen within a few key polls."""
+    below: BelowTls = await start_below_tls(revocation_poll=0.1)
+    before = await below.token("alice")
+    new_kid = KeyStore.open(below.config.state_dir / "keys").rotate(below.server.clock())
     await trio.sleep(0.5)
-    after = await token_for(server, pki, "alice")
+    after = await below.token("alice")
     assert jwt.get_unverified_header(after)["kid"] == new_kid
     for token in (before, after):  # the old key keeps verifying
-        async with raw_ws(server, pki, "alice", token=token) as ws:
+        async with below.raw_ws("alice", token=token) as ws:
             assert ws.subprotocol == "v12.stomp"
