@@ -26,7 +26,9 @@ import pytest
 import trio
 
 from chat import pki as pki_module
+from chat.cli_common import UsageError
 from chat.client.auth import open_chat
+from chat.client.cli import parse_options, send_destination
 from chat.client.connection import StompClient
 from tests.conftest import RunningServer, TestPki
 from tests.test_client_library import chat_as
@@ -213,6 +215,17 @@ async def test_usage_errors_are_one_line(pki: TestPki) -> None:
     assert "wildcards" in wildcard
 
 
+def test_at_name_is_an_inbox(pki: TestPki) -> None:
+    cert = str(pki.client("alice")[0])
+    options = parse_options(["--cert", cert, "--send", "@bob", "hi"])
+    assert options.send == ("@bob", "hi") and send_destination("@bob") == "/user/bob"
+    assert parse_options(["--cert", cert, "--listen", "@"]).listen == "@"
+    assert parse_options(["--cert", cert, "--listen", "@alice"]).listen == "@alice"
+    for wrong in (["--send", "@", "hi"], ["--send", "@b!b", "hi"], ["--listen", "@b b"]):
+        with pytest.raises(UsageError, match="@NAME needs a name"):
+            parse_options(["--cert", cert, *wrong])
+
+
 async def test_help_lists_every_option_and_default() -> None:
     script = Path(sys.executable).with_name("chat-client")  # the installed console script
     result = await run_cli([str(script), "--help"] if script.exists() else [*CLI, "--help"])
@@ -234,6 +247,8 @@ async def test_help_lists_every_option_and_default() -> None:
         assert option in text
     for default in ("wss://127.0.0.1:8443/ws", "lobby", "10000", "ca.crt"):
         assert default in text
+    for command in ("/dm NAME", "/msg NAME TEXT", "/who", "/rooms", "--send @bob", "--listen @"):
+        assert command in text
 
 
 # ---------------------------------------------------------------- interactive

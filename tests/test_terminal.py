@@ -30,6 +30,7 @@ from prompt_toolkit.output.vt100 import Vt100_Output
 from chat.client.connection import ConnectionLost, Message
 from chat.client.display import clock
 from chat.client.resilient import Event, NotDelivered, Online, Reconnecting
+from chat.client.rights import Rights
 from chat.client.screen import HISTORY_FILE_MODE, MAX_HISTORY_ENTRIES, Screen, open_screen
 from chat.client.terminal import ChatSession, PlainConsole, history_file
 
@@ -128,19 +129,29 @@ def wrapped(text: str, columns: int) -> list[str]:
 # ---------------------------------------------------------------- a peer to talk to
 
 
+EVERYTHING = Rights.of(  # the server's default policy (PROTOCOL.md §9)
+    {"sub": "alice", "subscribe": ["#"], "publish": ["#"], "message": ["*"], "admin": False}
+)
+
+
 class FakeLink:
     """The session surface the chat uses, with a link the test switches off and on.
 
-    Like the server, it echoes every message sent (stamped `TODAY_9AM`); a send waits
-    while the link is down, until it is back or `give_up()` is called.
+    Like the server, it echoes every message sent (stamped `TODAY_9AM`): a direct message
+    comes back as our own copy, in our inbox. A send waits while the link is down, until
+    it is back or `give_up()` is called. `policy` is what GET /auth/me answers (None: it
+    cannot be asked); `asked` records each question (True: a fresh one).
     """
 
-    def __init__(self, user_name: str = "alice") -> None:
+    def __init__(self, user_name: str = "alice", policy: Rights | None = EVERYTHING) -> None:
         self.user_name = user_name
         self.session = "s1"
         self.online = True
+        self.policy = policy
+        self.asked: list[bool] = []
         self.sent: list[tuple[str, str]] = []
         self.subscribed: list[tuple[str, dict[str, int]]] = []
+        self.unsubscribed: list[str] = []
         self._events_in, self._events = trio.open_memory_channel[Event | Exception](100)
         self._changed = trio.Event()
         self._gave_up = False
@@ -151,7 +162,13 @@ class FakeLink:
         self.subscribed.append((destination, options))
 
     async def unsubscribe(self, destination: str) -> None:
-        pass
+        self.unsubscribed.append(destination)
+
+    async def rights(self, *, fresh: bool = False) -> Rights:
+        self.asked.append(fresh)
+        if self.policy is None:
+            raise ConnectionLost("not connected: cannot ask the server what we may do")
+        return self.policy
 
     async def send(self, destination: str, body: str, *, queued_at: float) -> None:
         while not self.online:
@@ -159,7 +176,11 @@ class FakeLink:
                 raise NotDelivered("not connected for 30 s; it was not sent", maybe_delivered=False)
             await self._changed.wait()
         self.sent.append((destination, body))
-        self.deliver(destination, self.user_name, body)
+        if destination.startswith("/user/"):
+            to = destination.removeprefix("/user/")
+            self.deliver(f"/user/{self.user_name}", self.user_name, body, to=to)
+        else:
+            self.deliver(destination, self.user_name, body)
 
     def __aiter__(self) -> FakeLink:
         return self
@@ -180,6 +201,8 @@ class FakeLink:
         *,
         timestamp: int = TODAY_9AM,
         history: bool = False,
+        to: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         message_id = f"m{next(self._ids)}"
         self._events_in.send_nowait(
@@ -190,10 +213,15 @@ class FakeLink:
                 sender,
                 timestamp,
                 text.encode(),
-                (),
+                headers,
                 history=history,
+                to=to,
             )
         )
+
+    def emit(self, event: Event) -> None:
+        """What the session tells the chat (a `Refused` room, ...)."""
+        self._events_in.send_nowait(event)
 
     def go_offline(self) -> None:
         self.online = False
@@ -601,8 +629,11 @@ async def test_join_shows_the_room_history_marked_then_live_messages(tmp_path: P
         chat.keys.send_text("/join dev.*\r")
         await terminal.has("* joined dev.*")
     assert link.subscribed == [
+        ("/user/alice", {"last": 20}),
         ("/topic/lobby", {"last": 20}),
+        ("/presence/lobby", {}),
         ("/topic/dev", {"last": 20}),
+        ("/presence/dev", {}),
         ("/topic/dev.*", {}),
     ]
 

@@ -31,15 +31,16 @@ from chat.cli_common import (
 )
 from chat.client.auth import default_token_file, open_chat
 from chat.client.display import (
+    CONVERSATION,
     describe,
     error_line,
     format_message,
     room_destination,
-    room_of,
+    where,
 )
 from chat.client.errors import ClientError, TlsFailure, TokenRefused
-from chat.client.messages import Message
-from chat.client.resilient import ResilientSession, open_session
+from chat.client.messages import Message, inbox, is_name
+from chat.client.resilient import Refused, ResilientSession, open_session
 from chat.client.terminal import ChatSession, Console, first_of, history_file, open_console
 from chat.pki import PkiError, rejection_cause
 from chat.protocol.errors import InvalidDestination
@@ -63,16 +64,18 @@ DESCRIPTION = """\
 Chat over STOMP 1.2 / WebSocket / mutual TLS. Your certificate is your identity: the
 client fetches an access token with it (POST /auth/token), connects, and joins a room.
 
-Interactive (the default): typed lines go to the current room; /join ROOM, /leave [ROOM],
-/rooms, /help, /quit. Incoming messages show time, room and sender (the date too when not
-from today); lines starting with * are status lines. Joining a room shows its last 20
-messages first, in grey. /quit and Ctrl-D leave once the lines typed are sent; Ctrl-C
-leaves at once. On a terminal the bottom line is the connection's state; a lost connection
-is retried by itself ("reconnecting... attempt 3, next try in 1.2 s") and what was missed
-meanwhile is shown in order. Lines typed while offline show as pending and are sent once
-it is back (or reported not delivered). PageUp/PageDown page through the conversation; the
-arrow keys recall lines typed before, kept beside the refresh token (certs/alice.history,
-mode 0600). NO_COLOR=1 turns colours off. Through pipes, lines are read and written plainly.
+Interactive (the default): typed lines go to the current room or conversation; /join ROOM,
+/dm NAME, /msg NAME TEXT, /leave [ROOM or @NAME], /rooms, /who [ROOM], /help, /quit.
+Incoming messages show time, room and sender (the date too when not from today); lines
+starting with * are status lines (someone joining or leaving your room, too). Joining a
+room shows its last 20 messages first, in grey. /quit and Ctrl-D leave once the lines
+typed are sent; Ctrl-C leaves at once. On a terminal the bottom line is the connection's
+state; a lost connection is retried by itself ("reconnecting... attempt 3, next try in
+1.2 s") and what was missed meanwhile is shown in order. Lines typed while offline show as
+pending and are sent once it is back (or reported not delivered). PageUp/PageDown page
+through the conversation; the arrow keys recall lines typed before, kept beside the
+refresh token (certs/alice.history, mode 0600). NO_COLOR=1 turns colours off. Through
+pipes, lines are read and written plainly.
 
 The refresh token that saves a new token request on each start is kept beside the
 certificate (certs/alice.refresh, mode 0600) or at --token-file.
@@ -80,9 +83,21 @@ certificate (certs/alice.refresh, mode 0600) or at --token-file.
 Rooms are topic names: lobby, dev.backend, ... ; /join (and --listen) also take the
 wildcards * (one segment: dev.*) and # (any number of segments: dev.#), to listen.
 
+Direct messages: /msg bob TEXT sends TEXT to bob alone; /dm bob makes the conversation
+with bob current, so typed lines go to him. A conversation shows as [@bob], on both sides
+and on every device of either: [@bob] alice: hi is what alice wrote to bob. Direct
+messages to you show up wherever you are (the last 20 at start, in grey).
+
+What you may do is the server's policy (rooms you may read and write, whom you may
+message): the client asks it first (GET /auth/me) and says "you may not join ROOM" or
+"you may not message NAME" rather than have the server close the connection.
+
 Scriptable:
   chat-client --cert certs/alice.crt --send lobby "hello"
+  chat-client --cert certs/alice.crt --send @bob "hello, bob only"
   chat-client --cert certs/bob.crt --listen lobby --json --count 1
+  chat-client --cert certs/bob.crt --listen @alice    (the conversation with alice)
+  chat-client --cert certs/bob.crt --listen @         (every direct message to or from bob)
 
 Exit status: 0 on success and on leaving with Ctrl-C, Ctrl-D or /quit; 2 on an error no
 reconnect can cure (a refused certificate or token, a --send cut off), with one line on
@@ -100,8 +115,8 @@ class Options:
     token_file: Path
     heartbeat_ms: int
     room: str
-    send: tuple[str, str] | None  # (room, text)
-    listen: str | None
+    send: tuple[str, str] | None  # (room or @NAME, text)
+    listen: str | None  # a room, @NAME or @
     json: bool
     count: int | None
 
@@ -150,8 +165,11 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     ca: Path = args.ca or cert.parent / "ca.crt"
     _check_files(cert, key, ca)
     if args.send is not None:
-        room_destination(args.send[0], wildcards=False)
-    room_destination(args.listen or args.room, wildcards=True)
+        send_destination(args.send[0])
+    if args.listen is not None and args.listen.startswith(CONVERSATION):
+        _correspondent(args.listen, allow_everyone=True)
+    else:
+        room_destination(args.listen or args.room, wildcards=True)
     return Options(
         url=args.url,
         cert=cert,
@@ -227,18 +245,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "--send",
         nargs=2,
         metavar=("ROOM", "TEXT"),
-        help="send TEXT to ROOM, wait until the server has stored it, and exit",
+        help="send TEXT to ROOM (or to NAME alone with @NAME), wait until the server has "
+        "stored it, and exit",
     )
     mode.add_argument(
         "--listen",
         metavar="ROOM",
-        help="print the messages arriving in ROOM (wildcards allowed) until Ctrl-C",
+        help="print the messages arriving in ROOM (wildcards allowed) until Ctrl-C; @NAME: "
+        "the direct messages between you and NAME (@yourself: your notes to yourself); "
+        "@ alone: every direct message to or from you",
     )
     parser.add_argument(
         "--json",
         action="store_true",
         help="with --listen: one JSON object per message (room, sender, timestamp, body, "
-        "destination, message_id)",
+        "destination, message_id, and for a direct message to; room is @NAME for one)",
     )
     parser.add_argument(
         "--count",
@@ -375,7 +396,7 @@ async def _send(
         attempts=SEND_ATTEMPTS,
     ) as client:
         with interrupts.stoppable():
-            await client.send(room_destination(room, wildcards=False), text)
+            await client.send(send_destination(room), text)
 
 
 async def _mode(options: Options, session: ResilientSession, notices: _Notices) -> None:
@@ -392,21 +413,36 @@ async def _mode(options: Options, session: ResilientSession, notices: _Notices) 
 
 async def _listen(session: ResilientSession, room: str, as_json: bool, count: int | None) -> None:
     """Print each message in `room` (one JSON object per line with `as_json`), flushed;
-    status lines (reconnecting, back online) go to stderr."""
-    await session.subscribe(room_destination(room, wildcards=True))
+    status lines (reconnecting, back online) go to stderr. `@NAME`: our inbox, only the
+    conversation with NAME; `@`: all of it."""
+    me = session.user_name
+    if room.startswith(CONVERSATION):
+        await session.subscribe(inbox(me))
+    else:
+        await session.subscribe(room_destination(room, wildcards=True))
     _status(f"listening on {room}")
     received = 0
     async for event in session:
+        if isinstance(event, Refused):  # nothing more will come
+            raise ClientError(f"listening on {room} ended: {event.reason}")
         if not isinstance(event, Message):
             status = describe(event)
             if status is not None:
                 _status(status)
-        elif not _print(_json_line(event) if as_json else format_message(event)):
+        elif not _wanted(event, room, me):
+            continue
+        elif not _print(_json_line(event, me) if as_json else format_message(event, me)):
             return
         else:
             received += 1
             if count is not None and received >= count:
                 return
+
+
+def _wanted(message: Message, listened: str, me: str) -> bool:
+    """Whether --listen shows `message`: all of a room, one conversation of an inbox."""
+    name = listened.removeprefix(CONVERSATION)
+    return name == listened or not name or message.other_party(me) == name
 
 
 def _print(line: str) -> bool:
@@ -419,18 +455,33 @@ def _print(line: str) -> bool:
     return True
 
 
-def _json_line(message: Message) -> str:
-    return json.dumps(
-        {
-            "room": room_of(message.destination),
-            "sender": message.sender,
-            "timestamp": message.timestamp,
-            "body": message.text,
-            "destination": message.destination,
-            "message_id": message.message_id,
-        },
-        ensure_ascii=False,
-    )
+def _json_line(message: Message, me: str) -> str:
+    record: dict[str, object] = {
+        "room": where(message, me),
+        "sender": message.sender,
+        "timestamp": message.timestamp,
+        "body": message.text,
+        "destination": message.destination,
+        "message_id": message.message_id,
+    }
+    if message.to is not None:
+        record["to"] = message.to
+    return json.dumps(record, ensure_ascii=False)
+
+
+def send_destination(target: str) -> str:
+    """Where --send goes: `@NAME` is NAME's inbox, anything else a plain room."""
+    if target.startswith(CONVERSATION):
+        return inbox(_correspondent(target, allow_everyone=False))
+    return room_destination(target, wildcards=False)
+
+
+def _correspondent(target: str, *, allow_everyone: bool) -> str:
+    """NAME of `@NAME`, checked; "" for `@` alone when `allow_everyone`."""
+    name = target.removeprefix(CONVERSATION)
+    if (name or not allow_everyone) and not is_name(name):
+        raise UsageError(f"{target!r}: @NAME needs a name of 1-64 of A-Z a-z 0-9 _ . @ -")
+    return name
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ import re
 from datetime import date, datetime
 
 from chat.client.messages import Message
-from chat.client.resilient import Event, Online, Reconnecting, Recovered
+from chat.client.resilient import Event, Online, Reconnecting, Recovered, Refused
 from chat.protocol.topics import ANY, ONE, TOPIC_PREFIX, parse_destination
 
 Styled = tuple[tuple[str, str], ...]  # (prompt_toolkit style class, text) fragments
 
+CONVERSATION = "@"  # `@bob`: the conversation with bob (direct messages, PROTOCOL.md §10)
 CONTINUATION = "\n    "  # later lines of a multi-line message are indented under the first
 ELLIPSIS = "\N{HORIZONTAL ELLIPSIS}"
 TODAY_CLOCK = "%H:%M:%S"  # a message from today: the time is enough
@@ -42,6 +43,13 @@ def is_wildcard(room: str) -> bool:
     return any(segment in (ONE, ANY) for segment in room.split("."))
 
 
+def where(message: Message, me: str) -> str:
+    """What a message is shown in: its room, or `@NAME` for a conversation with NAME."""
+    if message.direct:
+        return CONVERSATION + message.other_party(me)
+    return room_of(message.destination)
+
+
 # ---------------------------------------------------------------- text
 
 
@@ -63,13 +71,14 @@ def clock(timestamp_ms: int, today: date) -> str:
 
 
 def message_line(message: Message, me: str, today: date | None = None) -> Styled:
-    """`HH:MM:SS [room] sender: text`: our own name and replayed history styled apart."""
+    """`HH:MM:SS [room] sender: text` (`[@NAME]` for a conversation with NAME): our own
+    name and replayed history styled apart."""
     today = today or date.today()
     sender = "class:own" if message.sender == me else "class:sender"
     line: Styled = (
         ("class:time", clock(message.timestamp, today)),
         ("", " "),
-        ("class:room", f"[{printable(room_of(message.destination))}]"),
+        ("class:room", f"[{printable(where(message, me))}]"),
         ("", " "),
         (sender, printable(message.sender)),
         ("", f": {printable(message.text)}"),
@@ -79,9 +88,9 @@ def message_line(message: Message, me: str, today: date | None = None) -> Styled
     return line
 
 
-def format_message(message: Message) -> str:
-    """`HH:MM:SS [room] sender: text` as plain text (--listen)."""
-    return plain(message_line(message, me=""))
+def format_message(message: Message, me: str) -> str:
+    """`HH:MM:SS [room] sender: text` as plain text (--listen); `me` names conversations."""
+    return plain(message_line(message, me))
 
 
 def system_line(text: str) -> Styled:
@@ -118,6 +127,8 @@ def describe(event: Event) -> str | None:
         return "back online"
     if isinstance(event, Recovered) and not event.ok:
         return recovery_gap(event)
+    if isinstance(event, Refused):
+        return f"{printable(room_of(event.destination))}: {printable(event.reason)}"
     return None
 
 

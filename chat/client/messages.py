@@ -1,11 +1,33 @@
-"""What a chat client receives, as values: messages, where they sit in history, subscriptions."""
+"""What a chat client receives, as values: messages, where they sit in history, subscriptions,
+who is in a room."""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 from chat.protocol.errors import MalformedFrame
 from chat.protocol.stomp import Frame
+
+INBOX_PREFIX = "/user/"  # PROTOCOL.md §10: /user/NAME is NAME's inbox
+PRESENCE_PREFIX = "/presence/"  # §11: /presence/ROOM says who is in /topic/ROOM
+_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # §9: an identity
+
+
+def inbox(name: str) -> str:
+    """NAME's inbox: where direct messages to NAME go, and where NAME reads them."""
+    return INBOX_PREFIX + name
+
+
+def is_name(text: str) -> bool:
+    """Whether `text` can be someone's name (a certificate identity, PROTOCOL.md §9)."""
+    return _NAME.fullmatch(text) is not None
+
+
+def presence(room: str) -> str:
+    """Where the members of ROOM (a plain room) are announced."""
+    return PRESENCE_PREFIX + room
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +59,7 @@ class Message:
     headers: tuple[tuple[str, str], ...]
     position: Position | None = None  # None when the server keeps no history
     history: bool = False  # asked for with `last:N` when joining: sent before the join
+    to: str | None = None  # a direct message's recipient (PROTOCOL.md §10)
 
     @property
     def text(self) -> str:
@@ -44,17 +67,64 @@ class Message:
 
     @classmethod
     def of(cls, frame: Frame) -> Message:
-        """From a MESSAGE frame; raises `StompProtocolError` for one PROTOCOL.md §4 forbids."""
+        """From a MESSAGE frame; raises `StompProtocolError` for one PROTOCOL.md §4 forbids.
+
+        Presence news (§11) comes from the server itself: no sender, no timestamp (0).
+        """
+        destination = frame.require("destination")
+        if destination.startswith(PRESENCE_PREFIX):
+            sender, timestamp = "", "0"
+        else:
+            sender, timestamp = frame.require("sender"), frame.require("timestamp")
         return cls(
-            frame.require("destination"),
+            destination,
             frame.require("subscription"),
             frame.require("message-id"),
-            frame.require("sender"),
-            _number(frame.require("timestamp"), "timestamp"),
+            sender,
+            _number(timestamp, "timestamp"),
             frame.body,
             frame.headers,
             Position.of(frame),
+            to=frame.get("to"),
         )
+
+    @property
+    def direct(self) -> bool:
+        """A direct message, in the inbox of one of its two parties."""
+        return self.destination.startswith(INBOX_PREFIX)
+
+    def other_party(self, me: str) -> str:
+        """Whom a direct message is a conversation with, seen by `me`: the sender, or for
+        our own copy the recipient (ourselves for a note to self)."""
+        if self.sender == me and self.to is not None:
+            return self.to
+        return self.sender
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Who is in a room (PROTOCOL.md §11): a snapshot first, then one join or leave each."""
+
+    room: str
+    change: str  # "snapshot", "join" or "leave"
+    names: tuple[str, ...]  # every member (snapshot), or who joined or left
+
+    @classmethod
+    def of(cls, message: Message) -> Presence:
+        """From a MESSAGE of a /presence/ROOM subscription; `MalformedFrame` for a bad one."""
+        change = next((value for key, value in message.headers if key == "presence"), None)
+        try:
+            body = json.loads(message.body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            raise MalformedFrame("a presence MESSAGE without a JSON object body")
+        room = message.destination.removeprefix(PRESENCE_PREFIX)
+        if change == "snapshot":
+            return cls(room, change, _names(body.get("members")))
+        if change in ("join", "leave"):
+            return cls(room, change, _names([body.get("who")]))
+        raise MalformedFrame(f"unknown presence change {str(change)[:20]!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +142,12 @@ class Subscribed:
             return cls(sub_id, None, None)
         recovered = receipt.get("recovered")
         return cls(sub_id, Position.of(receipt), None if recovered is None else recovered == "true")
+
+
+def _names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise MalformedFrame("a presence MESSAGE whose names are not a list of strings")
+    return tuple(value)
 
 
 def _number(value: str, name: str) -> int:

@@ -10,7 +10,11 @@ heart-beat deadline), the supervisor emits `Reconnecting`, sleeps a full-jitter 
 connects again, emits `Online` and resubscribes every room: an exact topic from its last
 position (`since-offset`, `epoch`), so the server replays what was missed, each room then
 reported by `Recovered`. Rooms with a position are resubscribed first, so that no live
-copy arriving through a wildcard room can overtake their replay.
+copy arriving through a wildcard room can overtake their replay. An inbox (`/user/NAME`)
+resumes exactly like a room; a presence subscription (`/presence/ROOM`) is no history: it is
+made afresh and its new snapshot says who is there now. A room the server refuses on
+resubscribing (the policy changed, PROTOCOL.md §9) is dropped and reported by `Refused`:
+the refusal closed the link, and the next one goes on without it.
 
 A room's position is the last message delivered from it or, before any, where its
 subscription began (the SUBSCRIBE's RECEIPT carries `epoch` and `offset`): so a quiet room
@@ -54,7 +58,8 @@ from chat.client.errors import (
     sole_exception,
 )
 from chat.client.http import TokenGrant
-from chat.client.messages import Message, Position, Subscribed
+from chat.client.messages import PRESENCE_PREFIX, Message, Position, Subscribed
+from chat.client.rights import Rights, fetch_rights
 from chat.pki import client_ssl_context
 from chat.protocol.wire import TEXT_PLAIN
 
@@ -64,6 +69,7 @@ __all__ = [
     "Online",
     "Reconnecting",
     "Recovered",
+    "Refused",
     "Resilience",
     "ResilientSession",
     "connect_resilient",
@@ -76,6 +82,7 @@ SEND_TIMEOUT = 30.0  # send() while offline waits this long for the link to come
 START_ATTEMPTS = 4  # an unreachable server at start is tried this often, then reported
 STABLE_LINK = 10.0  # a link that stayed up this long ends a bad spell: backoff starts over
 MAX_UNREAD_EVENTS = 4096  # events not yet taken by the application; beyond, the session waits
+FORBIDDEN = "forbidden"  # PROTOCOL.md §9: the ERROR `message` of a SUBSCRIBE the policy refuses
 
 # What a new connection may cure once the session has been online: a server restarting,
 # shutting down or shedding load. Anything else (a refused token or certificate, a server
@@ -118,7 +125,15 @@ class Recovered:
     ok: bool
 
 
-Event = Message | Online | Reconnecting | Recovered
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A room the server no longer lets us subscribe to (its policy changed): dropped."""
+
+    destination: str
+    reason: str
+
+
+Event = Message | Online | Reconnecting | Recovered | Refused
 
 
 class NotDelivered(ClientError):
@@ -156,6 +171,7 @@ class _Link:
     ready: bool = False  # every room resubscribed: sends may go
     joining: dict[str, trio.Event] = field(default_factory=dict)  # set once the RECEIPT is in
     history: dict[str, Position] = field(default_factory=dict)  # `last:N` joins: up to here
+    rights: Rights | None = None  # GET /auth/me, asked once per link
 
 
 class ResilientSession:
@@ -227,6 +243,17 @@ class ResilientSession:
                 self._rooms.pop(destination, None)
                 raise
             # the link died: the reconnect subscribes it
+
+    async def rights(self, *, fresh: bool = False) -> Rights:
+        """What our identity may do (GET /auth/me), asked once per connection, or again
+        when `fresh`: the policy can change live (and a change that ends a subscription
+        ends the connection too). Raises `ConnectionLost` while offline rather than wait."""
+        link = self._link
+        if link is None or link.client.failure is not None:
+            raise ConnectionLost("not connected: cannot ask the server what we may do")
+        if link.rights is None or fresh:
+            link.rights = await fetch_rights(self._tokens.base_url, self._ssl_context)
+        return link.rights
 
     async def unsubscribe(self, destination: str) -> None:
         """Leave a room (a no-op for a room not joined)."""
@@ -415,7 +442,19 @@ class ResilientSession:
             pending.sort(key=lambda room: self._resume_point(room) is None)
             for room in pending:
                 if room in self._rooms:  # not left meanwhile
-                    await self._join(link, room)
+                    await self._rejoin(link, room)
+
+    async def _rejoin(self, link: _Link, room: str) -> None:
+        """`_join` for the resubscription: a room the policy refuses is dropped, or every
+        link would die on it (the refusal closes this one)."""
+        try:
+            await self._join(link, room)
+        except StompError as exc:
+            if exc.message == FORBIDDEN:
+                self._rooms.pop(room, None)
+                self._forget(room)
+                await self._events_in.send(Refused(room, str(exc)))
+            raise
 
     async def _join(self, link: _Link, room: str) -> None:
         """SUBSCRIBE on `link`, from the room's position when it has one."""
@@ -434,7 +473,7 @@ class ResilientSession:
             await self._leave(link, room)
             return
         self._rooms[room] = True
-        if rejoining:
+        if rejoining and not room.startswith(PRESENCE_PREFIX):
             await self._events_in.send(Recovered(room, bool(subscribed.recovered)))
 
     def _began(

@@ -8,6 +8,13 @@ while offline is shown as pending, then sent once the link is back or reported n
 delivered. /quit and end of input leave once the outbox is empty; Ctrl-C on the screen
 leaves at once and names what was not sent.
 
+Where a line goes is the current target: a room, or a conversation `@NAME` (direct
+messages, which arrive in our own inbox, subscribed at start, whoever sends them). A
+plain room is joined together with its `/presence/ROOM`, which keeps `/who` and the
+join/leave lines. The server answers a SUBSCRIBE or SEND its policy forbids with ERROR
+and a closed connection, so the chat asks first (GET /auth/me, once per connection and
+again before saying no, since the policy can change live) and says no itself.
+
 The console is a prompt_toolkit screen on a terminal (chat/client/screen.py), or plain
 lines when stdin or stdout is a pipe (`PlainConsole`): `open_console()` picks.
 """
@@ -27,6 +34,7 @@ from typing import Protocol, TextIO
 import trio
 
 from chat.client.display import (
+    CONVERSATION,
     Styled,
     describe,
     error_line,
@@ -41,10 +49,11 @@ from chat.client.display import (
     room_of,
     system_line,
 )
-from chat.client.errors import ReceiptTimeout, StompError
-from chat.client.messages import Message
-from chat.client.resilient import Event, NotDelivered, Online, Reconnecting, Recovered
-from chat.protocol.errors import InvalidDestination
+from chat.client.errors import ClientError, ReceiptTimeout, StompError
+from chat.client.messages import PRESENCE_PREFIX, Message, Presence, inbox, is_name, presence
+from chat.client.resilient import Event, NotDelivered, Online, Reconnecting, Recovered, Refused
+from chat.client.rights import Rights
+from chat.protocol.errors import InvalidDestination, MalformedFrame
 
 READ_CHUNK = 4096  # bytes per os.read() of a piped stdin
 JOIN_BACKLOG = 20  # messages of a room shown on joining it, before the live ones
@@ -53,15 +62,19 @@ HISTORY_SUFFIX = ".history"  # typed lines are kept beside the refresh token: ce
 
 HELP = (
     "commands:",
-    "  /join ROOM     join ROOM and talk there (ROOM like lobby or dev.backend;",
-    "                 * and # join many rooms at once, to listen only)",
-    "  /leave [ROOM]  leave ROOM (default: the current room)",
-    "  /rooms         list the rooms joined",
-    "  /help          this help",
-    "  /quit          leave the chat once what you typed is sent (Ctrl-D too)",
-    "  Ctrl-C         leave at once",
-    "  PageUp/Down    page through the conversation; Up/Down recall what you typed",
-    "anything else is sent to the current room",
+    "  /join ROOM      join ROOM and talk there (ROOM like lobby or dev.backend;",
+    "                  * and # join many rooms at once, to listen only)",
+    "  /dm NAME        talk to NAME alone: a conversation, shown as [@NAME]",
+    "  /msg NAME TEXT  send TEXT to NAME alone, staying where you are",
+    "  /leave [ROOM]   leave ROOM or @NAME (default: the current one)",
+    "  /rooms          list the rooms joined and the conversations open",
+    "  /who [ROOM]     who is in ROOM (default: the current room)",
+    "  /help           this help",
+    "  /quit           leave the chat once what you typed is sent (Ctrl-D too)",
+    "  Ctrl-C          leave at once",
+    "  PageUp/Down     page through the conversation; Up/Down recall what you typed",
+    "anything else is sent to the current room or conversation; direct messages to you",
+    "show up wherever you are, and someone joining or leaving your room is a * line",
 )
 
 Task = Callable[[], Awaitable[object]]
@@ -105,6 +118,8 @@ class ChatLink(Protocol):
     async def subscribe(self, destination: str, *, last: int = 0) -> None: ...
 
     async def unsubscribe(self, destination: str) -> None: ...
+
+    async def rights(self, *, fresh: bool = False) -> Rights: ...
 
     async def send(self, destination: str, body: str, *, queued_at: float) -> None: ...
 
@@ -209,7 +224,7 @@ async def open_console(history: Path) -> AsyncIterator[Console]:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A typed line on its way to the room that was current when it was typed."""
+    """A typed line on its way to the room or conversation current when it was typed."""
 
     destination: str
     text: str
@@ -217,31 +232,41 @@ class Outgoing:
 
 
 class ChatSession:
-    """One interactive chat: the rooms joined, the current room, the commands, the outbox."""
+    """One interactive chat: the rooms joined and conversations open (the targets), the
+    current one, who is in each room, the commands, the outbox."""
 
     def __init__(self, session: ChatLink, console: Console) -> None:
         self._session = session
         self._console = console
-        self._rooms: list[str] = []  # in the order joined
+        self._targets: list[str] = []  # rooms, and conversations as `@NAME`, in the order opened
         self._current: str | None = None
+        self._members: dict[str, set[str]] = {}  # plain room -> who is in it, once known
         self._outbox_in, self._outbox = trio.open_memory_channel[Outgoing](MAX_PENDING_LINES)
         self._unsent: deque[Outgoing] = deque()  # in the outbox or being sent, in order
         self._in_flight: Outgoing | None = None
-        self._commands: dict[str, Callable[[list[str]], Awaitable[bool]]] = {
+        self._commands: dict[str, Callable[[str], Awaitable[bool]]] = {
             "/join": self._join,
             "/leave": self._leave,
             "/rooms": self._list,
+            "/who": self._who,
+            "/msg": self._msg,
+            "/dm": self._dm,
             "/help": self._help,
             "/quit": self._quit,
         }
 
     async def run(self, room: str) -> None:
-        """Join `room`, then chat until the user leaves, or a ClientError (raised)."""
+        """Open our inbox, join `room`, then chat until the user leaves, or a ClientError
+        (raised)."""
         session = self._session
         self._status(
             f"connected as {session.user_name} (session {session.session}); /help lists commands"
         )
-        await self._join([room])
+        try:  # direct messages from anyone, the last few of them first
+            await session.subscribe(inbox(session.user_name), last=JOIN_BACKLOG)
+        except (StompError, ReceiptTimeout) as exc:
+            self._error(f"direct messages to you will not show: {exc}")
+        await self._join(room)
         try:
             await first_of(self._incoming, self._typing, self._sending)
         finally:
@@ -252,10 +277,12 @@ class ChatSession:
     async def _incoming(self) -> None:
         async for event in self._session:
             if isinstance(event, Message):
-                self._console.show(message_line(event, self._session.user_name))
+                self._received(event)
             elif isinstance(event, Recovered):
                 if not event.ok:
                     self._status(recovery_gap(event))
+            elif isinstance(event, Refused):
+                await self._refused(event.destination)
             else:
                 self._console.link_changed(event, self._session.user_name)
 
@@ -298,6 +325,52 @@ class ChatSession:
                 self._error(f"not sent: {text}")
         self._unsent.clear()
 
+    # ------------------------------------------------------------ what arrives
+
+    def _received(self, message: Message) -> None:
+        if message.destination.startswith(PRESENCE_PREFIX):
+            self._presence(message)
+            return
+        me = self._session.user_name
+        if message.direct and not message.history:  # someone talks to us: a conversation
+            self._open(CONVERSATION + message.other_party(me))
+        self._console.show(message_line(message, me))
+
+    def _presence(self, message: Message) -> None:
+        """Keep who is in the room; a line when someone else comes or goes."""
+        try:
+            news = Presence.of(message)
+        except MalformedFrame as exc:
+            self._error(f"who is in {message.destination}: {exc.message}")
+            return
+        if news.change == "snapshot":  # the first news, and the first after a reconnect
+            self._members[news.room] = set(news.names)
+            return
+        members = self._members.get(news.room)
+        if members is None:  # a room just left
+            return
+        for who in news.names:
+            if news.change == "join":
+                members.add(who)
+            else:
+                members.discard(who)
+            if who != self._session.user_name:  # we know where we are
+                verb = "joined" if news.change == "join" else "left"
+                self._status(f"{printable(who)} {verb} {printable(news.room)}")
+
+    async def _refused(self, destination: str) -> None:
+        """The policy changed under a room we were in: we are out of it, say so."""
+        room = room_of(destination)
+        if room not in self._targets:  # its presence: the room itself is reported
+            return
+        self._targets.remove(room)
+        if not is_wildcard(room):
+            self._members.pop(room, None)
+            await self._session.unsubscribe(presence(room))  # refused too: never retried
+        if self._current == room:
+            self._current = self._targets[-1] if self._targets else None
+        self._error(f"the server's policy does not let you read {room} (any more): left it")
+
     # ------------------------------------------------------------ commands
 
     async def handle(self, line: str) -> bool:
@@ -305,36 +378,49 @@ class ChatSession:
         if not line:
             return True
         if not line.startswith("/"):
-            self._say(line)
+            await self._say(line)
             return True
-        name, *args = line.split()
+        name, _, rest = line.partition(" ")
         command = self._commands.get(name.lower())
         if command is None:
             self._status(f"unknown command {name}; /help lists the commands")
             return True
-        return await command(args)
+        return await command(rest.strip())
 
-    def _say(self, text: str) -> None:
-        room = self._current
-        if room is None:
-            self._status("you are in no room: /join ROOM first")
-        elif is_wildcard(room):
-            self._status(f"{room} is a wildcard room, for listening; /join a plain room")
-        elif len(self._unsent) >= MAX_PENDING_LINES:
-            self._error(f"not sent: {printable(text)!r}: {MAX_PENDING_LINES} lines already wait")
+    async def _say(self, text: str) -> None:
+        target = self._current
+        if target is None:
+            self._status("you are in no room: /join ROOM or /dm NAME first")
+        elif target.startswith(CONVERSATION):
+            self._queue(inbox(target.removeprefix(CONVERSATION)), text)
+        elif is_wildcard(target):
+            self._status(f"{target} is a wildcard room, for listening; /join a plain room")
+        elif not await self._allowed(lambda rights: rights.may_publish(target)):
+            self._error(f"you may not talk in {target}: not sent: {printable(text)!r}")
         else:
-            if self._unsent or not self._session.online:
-                self._console.show(pending_line(text))
-            outgoing = Outgoing(room_destination(room, wildcards=False), text, trio.current_time())
-            self._unsent.append(outgoing)
-            self._outbox_in.send_nowait(outgoing)  # room for it: checked above
+            self._queue(room_destination(target, wildcards=False), text)
 
-    async def _join(self, args: list[str]) -> bool:
+    def _queue(self, destination: str, text: str) -> None:
+        """Into the outbox, sent in turn; shown as pending when it cannot go at once."""
+        if len(self._unsent) >= MAX_PENDING_LINES:
+            self._error(f"not sent: {printable(text)!r}: {MAX_PENDING_LINES} lines already wait")
+            return
+        if self._unsent or not self._session.online:
+            self._console.show(pending_line(text))
+        outgoing = Outgoing(destination, text, trio.current_time())
+        self._unsent.append(outgoing)
+        self._outbox_in.send_nowait(outgoing)  # room for it: checked above
+
+    async def _join(self, rest: str) -> bool:
+        args = rest.split()
         if len(args) != 1:
             self._status("usage: /join ROOM")
             return True
         room = room_of(args[0])
-        if room in self._rooms:
+        if room.startswith(CONVERSATION):
+            self._status(f"{room} is a conversation: /dm {room.removeprefix(CONVERSATION)}")
+            return True
+        if room in self._targets:
             self._current = room
             self._status(f"now talking in {room}")
             return True
@@ -343,49 +429,140 @@ class ChatSession:
         except InvalidDestination as exc:
             self._status(str(exc))
             return True
+        if not await self._allowed(lambda rights: rights.may_join(room)):
+            self._error(f"you may not join {room}")
+            return True
         try:
-            if is_wildcard(room):  # many topics: no one history to show
+            if is_wildcard(room):  # many topics: no one history to show, no members
                 await self._session.subscribe(destination)
             else:
                 await self._session.subscribe(destination, last=JOIN_BACKLOG)
         except (StompError, ReceiptTimeout) as exc:  # refused, or no answer: the chat goes on
             self._error(f"cannot join {room}: {exc}")
             return True
-        self._rooms.append(room)
+        self._open(room)
         self._current = room
         self._status(f"joined {room}")
+        if not is_wildcard(room):
+            await self._follow(room)
         return True
 
-    async def _leave(self, args: list[str]) -> bool:
+    async def _follow(self, room: str) -> None:
+        """Subscribe to who comes and goes in `room` (after joining it: we are in the
+        snapshot, so no line announces us)."""
+        try:
+            await self._session.subscribe(presence(room))
+        except (StompError, ReceiptTimeout) as exc:
+            self._error(f"who is in {room} will not be known: {exc}")
+
+    async def _leave(self, rest: str) -> bool:
+        args = rest.split()
         if len(args) > 1:
-            self._status("usage: /leave [ROOM]")
+            self._status("usage: /leave [ROOM or @NAME]")
             return True
-        room = room_of(args[0]) if args else self._current
-        if room is None or room not in self._rooms:
-            self._status(f"you are not in {room}" if room else "you are in no room")
+        target = room_of(args[0]) if args else self._current
+        if target is None or target not in self._targets:
+            self._status(f"you are not in {target}" if target else "you are in no room")
             return True
-        self._rooms.remove(room)
-        await self._session.unsubscribe(room_destination(room, wildcards=True))
-        if self._current == room:
-            self._current = self._rooms[-1] if self._rooms else None
+        self._targets.remove(target)
+        if not target.startswith(CONVERSATION):  # a conversation is our inbox: it stays
+            if not is_wildcard(target):
+                self._members.pop(target, None)
+                await self._session.unsubscribe(presence(target))
+            await self._session.unsubscribe(room_destination(target, wildcards=True))
+        if self._current == target:
+            self._current = self._targets[-1] if self._targets else None
         now = f"; now talking in {self._current}" if self._current else ""
-        self._status(f"left {room}{now}")
+        self._status(f"left {target}{now}")
         return True
 
-    async def _list(self, args: list[str]) -> bool:
-        if not self._rooms:
+    async def _list(self, rest: str) -> bool:
+        if not self._targets:
             self._status("you are in no room: /join ROOM")
             return True
-        names = [f"{room} (current)" if room == self._current else room for room in self._rooms]
-        self._status("rooms: " + ", ".join(names))
+        rooms = [self._marked(t) for t in self._targets if not t.startswith(CONVERSATION)]
+        talks = [self._marked(t) for t in self._targets if t.startswith(CONVERSATION)]
+        parts = [f"rooms: {', '.join(rooms)}"] if rooms else []
+        if talks:
+            parts.append(f"conversations: {', '.join(talks)}")
+        self._status("; ".join(parts))
         return True
 
-    async def _help(self, args: list[str]) -> bool:
+    async def _who(self, rest: str) -> bool:
+        args = rest.split()
+        if len(args) > 1:
+            self._status("usage: /who [ROOM]")
+            return True
+        room = room_of(args[0]) if args else self._current
+        if room is None or room not in self._targets:
+            self._status(f"you are not in {room}" if room else "you are in no room")
+        elif room.startswith(CONVERSATION):
+            self._status(f"{room} is you and {room.removeprefix(CONVERSATION)}")
+        elif is_wildcard(room):
+            self._status(f"{room} is a wildcard room: /who works in a plain room")
+        elif (members := self._members.get(room)) is None:
+            self._status(f"who is in {room} is not known yet")
+        else:
+            self._status(f"in {room}: {', '.join(sorted(members))}")
+        return True
+
+    async def _msg(self, rest: str) -> bool:
+        target, _, text = rest.partition(" ")
+        name = await self._correspondent(target, "/msg NAME TEXT", bool(text.strip()))
+        if name is not None:
+            self._open(CONVERSATION + name)
+            self._queue(inbox(name), text.strip())
+        return True
+
+    async def _dm(self, rest: str) -> bool:
+        name = await self._correspondent(rest, "/dm NAME", " " not in rest)
+        if name is not None:
+            self._open(CONVERSATION + name)
+            self._current = CONVERSATION + name
+            self._status(f"now talking to {name}: lines you type go to {name} alone")
+        return True
+
+    async def _correspondent(self, typed: str, usage: str, complete: bool) -> str | None:
+        """The NAME (or @NAME) typed, if it is one we may send direct messages to."""
+        name = typed.removeprefix(CONVERSATION)
+        if not name or not complete:
+            self._status(f"usage: {usage}")
+        elif not is_name(name):
+            self._status(f"{printable(name)!r} is not a name (1-64 of A-Z a-z 0-9 _ . @ -)")
+        elif not await self._allowed(lambda rights: rights.may_message(name)):
+            self._error(f"you may not message {name}")
+        else:
+            return name
+        return None
+
+    async def _help(self, rest: str) -> bool:
         for line in HELP:
             self._console.show(help_line(line))
         return True
 
-    async def _quit(self, args: list[str]) -> bool:
+    async def _quit(self, rest: str) -> bool:
+        return False
+
+    # ------------------------------------------------------------ targets and rights
+
+    def _open(self, target: str) -> None:
+        if target not in self._targets:
+            self._targets.append(target)
+
+    def _marked(self, target: str) -> str:
+        return f"{target} (current)" if target == self._current else target
+
+    async def _allowed(self, check: Callable[[Rights], bool | None]) -> bool:
+        """Whether the policy allows it, as far as we can tell: a refusal is checked again
+        with fresh rights (the policy may have just changed). When we cannot ask (offline,
+        a server without /auth/me) or the rights cannot tell, the server decides."""
+        for fresh in (False, True):
+            try:
+                verdict = check(await self._session.rights(fresh=fresh))
+            except ClientError:
+                return True
+            if verdict is not False:
+                return True
         return False
 
     # ------------------------------------------------------------ output
