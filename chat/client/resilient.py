@@ -252,7 +252,9 @@ class ResilientSession:
         if link is None or link.client.failure is not None:
             raise ConnectionLost("not connected: cannot ask the server what we may do")
         if link.rights is None or fresh:
-            link.rights = await fetch_rights(self._tokens.base_url, self._ssl_context)
+            link.rights = await fetch_rights(
+                self._tokens.base_url, self._ssl_context, dial=self._tokens.dial
+            )
         return link.rights
 
     async def unsubscribe(self, destination: str) -> None:

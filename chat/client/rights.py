@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chat.client.errors import BadResponse, refusal
-from chat.client.http import request_json
+from chat.client.http import Dial, request_json
+from chat.client.tls import open_tls_stream
 from chat.protocol.errors import InvalidDestination
 from chat.protocol.topics import ANY, ONE, TOPIC_PREFIX, TopicTrie, parse_destination
 
@@ -62,9 +63,11 @@ class Rights:
         return ANYONE in self.message or name in self.message
 
 
-async def fetch_rights(base_url: str, ssl_context: ssl.SSLContext) -> Rights:
+async def fetch_rights(
+    base_url: str, ssl_context: ssl.SSLContext, *, dial: Dial = open_tls_stream
+) -> Rights:
     """GET /auth/me with our certificate; a refusal raises its `ClientError`."""
-    status, payload = await request_json(base_url, "GET", ME_PATH, ssl_context)
+    status, payload = await request_json(base_url, "GET", ME_PATH, ssl_context, dial=dial)
     if status != 200:
         raise refusal(status, payload)
     return Rights.of(payload)
