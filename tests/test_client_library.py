@@ -15,6 +15,7 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
@@ -326,19 +327,36 @@ async def test_several_frames_in_one_message(nursery: trio.Nursery, pki: TestPki
 
 
 async def test_send_waits_for_its_receipt(nursery: trio.Nursery, pki: TestPki) -> None:
+    """The fake holds the RECEIPT back until told: send() is still waiting when everything
+    else has settled, and returns once the RECEIPT is sent."""
+    heard, release, returned = trio.Event(), trio.Event(), trio.Event()
+
     async def script(ws: WebSocketConnection, parser: FrameParser) -> None:
         await read_frame(ws, parser)
         await ws.send_message(wire(connected()))
         send = await read_frame(ws, parser)
-        await trio.sleep(0.3)
+        heard.set()
+        await release.wait()
         await ws.send_message(wire(Frame("RECEIPT", (("receipt-id", send.require("receipt")),))))
         await answer_receipts(ws, parser)
 
-    url = await start_fake(nursery, pki, script)
-    async with connect(url, pki.client_context("alice"), "t", heartbeat=(0, 0)) as client:
-        started = trio.current_time()
+    async def send(client: StompClient) -> None:
         await client.send("/topic/lobby", "stored?")
-        assert trio.current_time() - started >= 0.3
+        returned.set()
+
+    url = await start_fake(nursery, pki, script)
+    async with (
+        connect(url, pki.client_context("alice"), "t", heartbeat=(0, 0)) as client,
+        trio.open_nursery() as sending,
+    ):
+        sending.start_soon(send, client)
+        with trio.fail_after(FAST):
+            await heard.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not returned.is_set()
+        release.set()
+        with trio.fail_after(FAST):
+            await returned.wait()
 
 
 async def test_silent_server_is_detected(nursery: trio.Nursery, pki: TestPki) -> None:
@@ -360,18 +378,21 @@ async def test_silent_server_is_detected(nursery: trio.Nursery, pki: TestPki) ->
 
 async def test_heartbeats_are_sent_when_idle(nursery: trio.Nursery, pki: TestPki) -> None:
     beats: list[str | bytes] = []
+    four = trio.Event()
 
     async def script(ws: WebSocketConnection, parser: FrameParser) -> None:
         await read_frame(ws, parser)
-        await ws.send_message(wire(connected("0,100")))  # the server wants a beat every 100 ms
+        await ws.send_message(wire(connected("0,20")))  # the server wants a beat every 20 ms
         while len(beats) < 4:
             beats.append(await ws.get_message())
+        four.set()
         await answer_receipts(ws, parser)
 
     url = await start_fake(nursery, pki, script)
-    async with connect(url, pki.client_context("alice"), "t", heartbeat=(100, 0)) as client:
-        assert client.heartbeat == (100, 0)
-        await trio.sleep(0.55)
+    async with connect(url, pki.client_context("alice"), "t", heartbeat=(20, 0)) as client:
+        assert client.heartbeat == (20, 0)
+        with trio.fail_after(FAST):
+            await four.wait()  # the client sends nothing else meanwhile
     assert beats == ["\n"] * 4
 
 
