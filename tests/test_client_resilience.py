@@ -590,7 +590,8 @@ async def test_send_while_offline_waits_for_the_link(servers: Servers, pki: Test
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_later)
-            await trio.sleep(0.3)
+            for _ in range(2):  # at least one more attempt fails while the send waits
+                await until(bob, Reconnecting)
             assert not delivered.is_set()
             await servers.start()
             with trio.fail_after(FAST):
