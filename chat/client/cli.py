@@ -100,8 +100,9 @@ Scriptable:
   chat-client --cert certs/bob.crt --listen @         (every direct message to or from bob)
 
 Exit status: 0 on success and on leaving with Ctrl-C, Ctrl-D or /quit; 2 on an error no
-reconnect can cure (a refused certificate or token, a --send cut off), with one line on
-stderr; 130 when Ctrl-C cuts a --send short.
+reconnect can cure (a refused certificate or token, a --send cut off or forbidden by the
+policy, a --listen room the policy takes away), with one line on stderr; 130 when Ctrl-C
+cuts a --send short.
 """
 
 
