@@ -6,7 +6,7 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +15,10 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from chat import pki as pki_module
+from chat.protocol.tokens import TokenAuthority, TokenPolicy
 from chat.server.app import ChatServer
 from chat.server.config import ServerConfig
+from chat.store.keys import KeyStore
 
 if TYPE_CHECKING:
     from tests.below_tls import BelowTls
@@ -53,10 +55,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
     return TestPki(directory, dev.ca, foreign)
 
 
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> TokenAuthority:
+    """A token authority over its own key store, for plain-value tests of the session."""
+    keys = KeyStore.open(tmp_path_factory.mktemp("keys") / "keys")
+    return TokenAuthority(keys, TokenPolicy(lifetime=60, leeway=0))
+
+
 @dataclass(frozen=True)
 class RunningServer:
     server: ChatServer
     port: int
+    stopped: trio.Event = field(default_factory=trio.Event, compare=False, repr=False)
+
+    async def stop(self) -> None:
+        """Shut down (1001 to every client) and wait until the server has let go of its state."""
+        self.server.shutdown()
+        with trio.fail_after(10):
+            await self.stopped.wait()
 
     @property
     def config(self) -> ServerConfig:
@@ -81,8 +97,16 @@ def start_server(pki: TestPki, tmp_path: Path, nursery: trio.Nursery) -> StartSe
 
     async def start(**overrides: object) -> RunningServer:
         server = ChatServer(replace(base, **overrides))
-        port = await nursery.start(server.run)
-        return RunningServer(server, port)
+        stopped = trio.Event()
+
+        async def run(task_status: trio.TaskStatus[int]) -> None:
+            try:
+                await server.run(task_status=task_status)
+            finally:
+                stopped.set()
+
+        port = await nursery.start(run)
+        return RunningServer(server, port, stopped)
 
     return start
 

@@ -101,18 +101,27 @@ async def test_resume_while_publishing_continues_has_no_gap_or_duplicate(server,
     total = 200
     async with stomp_peer(server, pki, "alice") as alice, stomp_peer(server, pki, "bob") as bob:
         await subscribe(bob, "/topic/busy", "first")
+        published = 0
+        while_away = trio.Event()  # set once 20 more are sent after bob unsubscribed
+        away_until: float = total
+
+        async def publisher() -> None:
+            nonlocal published
+            for n in range(total):
+                await alice.send("SEND", {"destination": "/topic/busy"}, str(n).encode())
+                published = n + 1
+                if published >= away_until:
+                    while_away.set()
+                if n % 20 == 0:
+                    await trio.lowlevel.checkpoint()  # let bob's side run between bursts
+
         async with trio.open_nursery() as nursery:
-
-            async def publisher() -> None:
-                for n in range(total):
-                    await alice.send("SEND", {"destination": "/topic/busy"}, str(n).encode())
-                    if n % 20 == 0:
-                        await trio.sleep(0.001)
-
             nursery.start_soon(publisher)
             first = [await bob.receive() for _ in range(30)]
             await bob.send("UNSUBSCRIBE", {"id": "first"})
-            await trio.sleep(0.01)  # publishing goes on while bob is away
+            away_until = min(published + 20, total)
+            with trio.fail_after(10):
+                await while_away.wait()  # publishing goes on while bob is away
             last = first[-1]
             await bob.send(
                 "SUBSCRIBE",
@@ -202,8 +211,7 @@ async def test_clean_restart_keeps_history_offsets_and_epoch(start_server, pki, 
         await subscribe(alice, "/topic/keep")
         own = await publish(alice, "/topic/keep", [b"before-1", b"before-2"])
         epoch = own[0].get("epoch")
-    first.server.shutdown()
-    await trio.sleep(0.2)
+    await first.stop()
     second = await start_server(state_dir=state)
     async with stomp_peer(second, pki, "alice") as alice:
         await alice.send(
@@ -229,8 +237,7 @@ async def test_memory_history_restart_changes_epoch(start_server, pki, tmp_path)
         await subscribe(alice, "/topic/m")
         (own,) = await publish(alice, "/topic/m", [b"gone"])
         epoch = own.get("epoch")
-    first.server.shutdown()
-    await trio.sleep(0.2)
+    await first.stop()
     second = await start_server(state_dir=state, history="memory")
     async with stomp_peer(second, pki, "alice") as alice:
         receipt = await subscribe(alice, "/topic/m")
