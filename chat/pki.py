@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from chat.protocol.wire import IDENTITY
 from chat.store.files import write_atomic
 
 # File names inside a certs directory.
@@ -44,7 +45,6 @@ SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
 CRL = "crl.pem"
 
-CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # a safe file name and a plain JWT `sub`
 RESERVED_NAMES = {"ca": "CA", "server": "server"}  # NAME.crt/.key are already their files
 DNS_NAME_RE = re.compile(r"(\*\.)?[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*")  # RFC 1123 labels
 MAX_DNS_NAME = 253  # RFC 1035 §2.3.4: longest host name
@@ -247,7 +247,7 @@ def _general_name(name: str) -> x509.GeneralName:
 
 
 def _check_client_name(name: str) -> None:
-    if not CLIENT_NAME_RE.fullmatch(name):
+    if not IDENTITY.fullmatch(name):
         raise PkiError(f"client name must be 1-64 of A-Z a-z 0-9 _ . @ -: {name!r}")
 
 
@@ -371,7 +371,7 @@ def client_identity(der: bytes) -> str:
     if len(names) != 1:
         raise PkiError(f"client certificate has {len(names)} CNs, not exactly one")
     value = names[0].value
-    if not isinstance(value, str) or not CLIENT_NAME_RE.fullmatch(value):
+    if not isinstance(value, str) or not IDENTITY.fullmatch(value):
         shown = ascii(value)[:80]
         raise PkiError(f"client certificate CN {shown} is not 1-64 of A-Z a-z 0-9 _ . @ -")
     return value

@@ -11,8 +11,9 @@ import logging
 
 import pytest
 
+from chat.protocol.topics import PRESENCE_PREFIX
 from chat.server.broker import Subscription
-from chat.server.presence import PRESENCE_PREFIX, Presence
+from chat.server.presence import Presence
 from tests.test_server_policy import RecordingOutbox
 
 ROOM = "dev.backend"

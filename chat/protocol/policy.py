@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TypeGuard
 
 from chat.protocol.topics import ANY, MAX_SEGMENTS, ONE, TOPIC_PREFIX
+from chat.protocol.wire import IDENTITY
 
 SUB = "{sub}"  # in a topic pattern: the identity whose rights are computed
 EVERYONE = "*"  # in `who` and `message`: every identity
@@ -34,7 +35,6 @@ GROUP_PREFIX = "@"  # in `who` and `message`: `@GROUP` is the group's members
 _RULE_KEYS = ("who", "subscribe", "publish", "message", "admin")
 
 # The certificate identity of §9 (pki.CLIENT_NAME_RE holds certificates to the same rule).
-_IDENTITY = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _IDENTITY_RULE = "1-64 characters of A-Z a-z 0-9 _ . @ -"
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _PLACEHOLDER = "x"  # stands for the identity while a pattern with {sub} is checked
@@ -162,7 +162,7 @@ class Policy:
         if rights is None:
             if len(self._cache) >= _CACHED_IDENTITIES:
                 self._cache.clear()
-            rules = self._rules if _IDENTITY.fullmatch(identity) else ()
+            rules = self._rules if IDENTITY.fullmatch(identity) else ()
             rights = self._cache[identity] = _rights_of(identity, rules)
         return rights
 
@@ -345,14 +345,14 @@ def _parse_groups(table: object) -> dict[str, tuple[str, ...]]:
 
 
 def _group_problem(name: str, members: object) -> str | None:
-    if not _IDENTITY.fullmatch(name) or name.startswith(GROUP_PREFIX):
+    if not IDENTITY.fullmatch(name) or name.startswith(GROUP_PREFIX):
         return f"{_quote(name)} is not a group name ({_IDENTITY_RULE}, no leading @)"
     if not _is_strings(members):
         return f"{name}: must be a list of identities"
     for member in members:
         if member.startswith(GROUP_PREFIX):
             return f"{name}: {_quote(member)}: groups do not nest (list identities)"
-        if not _IDENTITY.fullmatch(member):
+        if not IDENTITY.fullmatch(member):
             return f"{name}: {_quote(member)} is not an identity ({_IDENTITY_RULE})"
     return None
 
@@ -394,7 +394,7 @@ def _names(
             if members is None:
                 raise _in_rule(index, key, f"unknown group {_quote(entry)}")
             names.extend(members)
-        elif entry == EVERYONE or _IDENTITY.fullmatch(entry):
+        elif entry == EVERYONE or IDENTITY.fullmatch(entry):
             names.append(entry)
         else:
             problem = f'{_quote(entry)} is not "*", an identity ({_IDENTITY_RULE}) or "@GROUP"'

@@ -1,7 +1,9 @@
-"""Topic destinations and wildcard subscriptions (PROTOCOL.md §4).
+"""Destinations (PROTOCOL.md §4, §10, §11) and wildcard subscriptions.
 
-A destination is `/topic/` plus dot-separated segments of `[A-Za-z0-9_-]`; a
+A topic destination is `/topic/` plus dot-separated segments of `[A-Za-z0-9_-]`; a
 subscription pattern may also use `*` (exactly one segment) and `#` (zero or more).
+`/user/NAME` is NAME's inbox and `/presence/ROOM` the members of `/topic/ROOM`;
+`parse_route` tells the three apart.
 
 How matching works: patterns live in a trie keyed by segment, with `*` and `#`
 as ordinary child keys. `match()` walks the topic with a stack of (node, index)
@@ -15,11 +17,17 @@ at the topic's end, so a value is returned once per pattern.
 from __future__ import annotations
 
 import re
-from typing import Generic, NoReturn, TypeVar
+from typing import Final, Generic, NamedTuple, NoReturn, TypeVar
 
 from chat.protocol.errors import InvalidDestination
+from chat.protocol.wire import IDENTITY
 
 TOPIC_PREFIX = "/topic/"
+USER_PREFIX = "/user/"  # §10: an identity's inbox
+PRESENCE_PREFIX = "/presence/"  # §11: who is in a room
+TOPIC: Final = "topic"  # the spaces of a Route
+USER: Final = "user"
+PRESENCE: Final = "presence"
 MAX_DESTINATION_LENGTH = 255  # a name, not a payload; bounds per-message parsing and trie depth
 MAX_SEGMENTS = 32  # deep enough for any hierarchy; bounds the `#` fan-out of match()
 _QUOTED_CHARS = 60  # error messages quote at most this much of a destination
@@ -40,7 +48,10 @@ def parse_destination(destination: str, *, wildcards: bool) -> tuple[str, ...]:
     if len(destination) > MAX_DESTINATION_LENGTH:
         _refuse(destination, f"longer than {MAX_DESTINATION_LENGTH} characters")
     if not destination.startswith(TOPIC_PREFIX):
-        _refuse(destination, f"destination must start with {TOPIC_PREFIX}")
+        _refuse(
+            destination,
+            f"destination must start with {TOPIC_PREFIX}, {USER_PREFIX} or {PRESENCE_PREFIX}",
+        )
     name = destination[len(TOPIC_PREFIX) :]
     if _CONCRETE_NAME.fullmatch(name) is None:
         _check_segments(destination, name.split("."), wildcards)
@@ -48,6 +59,33 @@ def parse_destination(destination: str, *, wildcards: bool) -> tuple[str, ...]:
     if len(segments) > MAX_SEGMENTS:
         _refuse(destination, f"more than {MAX_SEGMENTS} segments")
     return segments
+
+
+class Route(NamedTuple):
+    """A destination parsed: its space (TOPIC, USER or PRESENCE) and its segments (a topic
+    pattern, the inbox owner's name as one segment, or the room's topic)."""
+
+    space: str
+    pattern: tuple[str, ...]
+
+
+def parse_route(destination: str, *, wildcards: bool) -> Route:
+    """The Route of any destination, else `InvalidDestination` saying why; `wildcards`
+    allows `*` and `#` in a topic pattern (never in an inbox or a presence room)."""
+    if destination.startswith(USER_PREFIX):
+        name = destination[len(USER_PREFIX) :]
+        if IDENTITY.fullmatch(name) is None:
+            _refuse(destination, "an inbox is /user/NAME, NAME 1-64 of A-Z a-z 0-9 _ . @ -")
+        return Route(USER, (name,))
+    if destination.startswith(PRESENCE_PREFIX):
+        room = TOPIC_PREFIX + destination[len(PRESENCE_PREFIX) :]
+        return Route(PRESENCE, parse_destination(room, wildcards=False))
+    return Route(TOPIC, parse_destination(destination, wildcards=wildcards))
+
+
+def is_exact(pattern: tuple[str, ...]) -> bool:
+    """No wildcard segment: the pattern names one topic."""
+    return ANY not in pattern and ONE not in pattern
 
 
 def _check_segments(destination: str, segments: list[str], wildcards: bool) -> None:

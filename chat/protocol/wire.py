@@ -5,6 +5,7 @@ Close codes live with the errors that carry them (`chat.protocol.errors.CloseCod
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 WS_PATH: Final = "/ws"  # §1: where the server serves STOMP over WebSocket
@@ -14,6 +15,9 @@ STOMP_VERSIONS: Final = ("1.2", "1.1", "1.0")  # CONNECT accept-version values, 
 STOMP_VERSION: Final = STOMP_VERSIONS[0]  # the version our client speaks
 BEARER_PREFIX: Final = "bearer."  # §2: the access token rides in Sec-WebSocket-Protocol
 TOKEN_DESTINATION: Final = "/session/token"  # §7: a SEND here renews the connection's token
+# §9: an identity (a certificate CN, a JWT `sub`, an inbox name) is 1-64 of these; it is also
+# a safe file name
+IDENTITY: Final = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 TEXT_PLAIN: Final = "text/plain;charset=utf-8"  # the content-type of a text body
 
 

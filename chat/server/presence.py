@@ -18,9 +18,9 @@ import logging
 from typing import Any
 
 from chat.protocol.stomp import encode_header
+from chat.protocol.topics import PRESENCE_PREFIX
 from chat.server.broker import Subscription, message_frame
 
-PRESENCE_PREFIX = "/presence/"
 PRESENCE_CONTENT_TYPE = "application/json"
 
 log = logging.getLogger("chat.server")
