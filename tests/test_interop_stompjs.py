@@ -34,3 +34,40 @@ async def test_stompjs_connects_subscribes_publishes(start_server, pki: TestPki)
     assert "CONNECTED user-name=alice version=1.2 protocol=v12.stomp" in out
     assert 'MESSAGE /topic/js.room sender=alice "hello from stomp.js"' in out
     assert "DISCONNECTED" in out
+
+
+ROOMS_POLICY = """\
+[[rule]]
+who = ["*"]
+subscribe = ["lobby", "team.{sub}.#"]
+publish = ["lobby"]
+message = ["*"]
+"""
+
+
+async def test_stompjs_sees_rooms_direct_messages_and_presence(
+    start_server, pki: TestPki, tmp_path: Path
+) -> None:
+    """PROTOCOL.md §9-§11 to the letter, as a client that is not ours sees them."""
+    acl = tmp_path / "acl.toml"
+    acl.write_text(ROOMS_POLICY)
+    server: RunningServer = await start_server(acl=acl)
+    result = await trio.run_process(
+        ["node", str(INTEROP / "stompjs_rooms.mjs"), str(pki.dir), str(server.port)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    me = (
+        'ME {"sub":"alice","subscribe":["lobby","team.alice.#"],"publish":["lobby"],'
+        '"message":["*"],"admin":false}'
+    )
+    assert me in out
+    assert 'DM-BOB /user/bob to=bob sender=alice "psst"' in out
+    assert 'DM-ALICE /user/alice to=bob sender=alice "psst"' in out
+    assert 'PRESENCE snapshot {"room":"lobby","members":[]}' in out
+    assert 'PRESENCE join {"room":"lobby","who":"alice"}' in out
+    assert "ERROR message=forbidden receipt-id=nope" in out
+    assert "CLOSE 1008" in out

@@ -254,6 +254,7 @@ def test_help_shows_every_option_of_the_config_with_its_default() -> None:
         "--ca": "CERTS_DIR/ca.crt",
         "--crl": "CERTS_DIR/crl.pem, if present",
         "--state-dir": "state",
+        "--acl": "STATE_DIR/acl.toml, written with an allow-all policy on first start",
         "--token-lifetime": "300",
         "--refresh-lifetime": "1209600",
         "--clock-leeway": "30",

@@ -18,16 +18,18 @@ import trio.testing
 from chat.history import History
 from chat.protocol import events
 from chat.protocol.errors import CloseCode, StompProtocolError
+from chat.protocol.policy import DEFAULT_POLICY, Policy
 from chat.protocol.stomp import SERVER_COMMANDS, Frame, FrameParser
-from chat.protocol.tokens import Claims, TokenAuthority, TokenPolicy
-from chat.protocol.topics import parse_destination
+from chat.protocol.tokens import Claims, TokenAuthority
+from chat.protocol.topics import TOPIC, Route, parse_route
 from chat.server.broker import Broker, Published, Subscription
 from chat.server.durability import Durability
-from chat.server.session import SessionLimits, StompSession
-from chat.store.keys import KeyStore
+from chat.server.presence import Presence
+from chat.server.session import SessionLimits, Shared, StompSession
 from tests.below_tls import InlineLane
 
 NOW = 1_800_000_000.0
+LOBBY = Route(TOPIC, ("lobby",))
 X5T = "alice-thumbprint"
 
 
@@ -66,11 +68,18 @@ class Clock:
 class Room:
     """One broker over a memory history, and sessions on it sharing one clock."""
 
-    def __init__(self, authority: TokenAuthority, history: History | None = None) -> None:
+    def __init__(
+        self,
+        authority: TokenAuthority,
+        history: History | None = None,
+        policy: str = DEFAULT_POLICY,
+    ) -> None:
         self.clock = Clock()
         self.history = history or History.memory()
         self.durability = Durability(self.history, InlineLane())
         self.broker = Broker(self.history, self.durability, self.clock)
+        self.presence = Presence()
+        self.policy = Policy.parse(policy, "acl.toml")  # a test may swap it: a live change
         self.authority = authority
         self.revoked: set[str] = set()  # jtis
 
@@ -79,22 +88,17 @@ class Room:
     ) -> tuple[StompSession, RecordingOutbox]:
         outbox = RecordingOutbox()
         claims = Claims("chat", sub, int(NOW), int(NOW), int(exp), f"jti-{sub}", X5T)
-        session = StompSession(
-            outbox,
+        shared = Shared(
             self.broker,
-            claims,
-            SessionLimits(max_subscriptions, (0, 0)),
+            self.presence,
+            lambda: self.policy,
             self.authority,
             lambda claims: claims.jti in self.revoked,
             self.clock,
+            SessionLimits(max_subscriptions, (0, 0)),
         )
+        session = StompSession(outbox, claims, shared)
         return session, outbox
-
-
-@pytest.fixture(scope="module")
-def authority(tmp_path_factory: pytest.TempPathFactory) -> TokenAuthority:
-    keys = KeyStore.open(tmp_path_factory.mktemp("keys") / "keys")
-    return TokenAuthority(keys, TokenPolicy(lifetime=60, leeway=0))
 
 
 @pytest.fixture
@@ -312,10 +316,10 @@ def test_fan_out_reaches_every_matching_subscription_once(room: Room) -> None:
     }
     for name, pattern in patterns.items():
         room.broker.subscribe(
-            parse_destination(pattern, wildcards=True), Subscription(subscribers[name], name)
+            parse_route(pattern, wildcards=True), Subscription(subscribers[name], name)
         )
-    topic = parse_destination("/topic/chat.dev", wildcards=False)
-    room.broker.publish(Published("/topic/chat.dev", topic, "alice", "text/plain", b"x"))
+    route = parse_route("/topic/chat.dev", wildcards=False)
+    room.broker.publish(Published("/topic/chat.dev", route, "alice", "text/plain", b"x"))
     got = {name: [f.get("subscription") for f in o.frames()] for name, o in subscribers.items()}
     assert got == {"exact": ["exact"], "star": ["star"], "hash": ["hash"], "other": []}
 
@@ -324,8 +328,8 @@ def test_one_frame_per_distinct_subscription_id(room: Room) -> None:
     """Recipients reusing an id share one bytes object; another id gets its own frame."""
     outboxes = [RecordingOutbox() for _ in range(3)]
     for outbox, sub_id in zip(outboxes, ["0", "0", "1"], strict=True):
-        room.broker.subscribe(("lobby",), Subscription(outbox, sub_id))
-    room.broker.publish(Published("/topic/lobby", ("lobby",), "alice", "text/plain", b"x"))
+        room.broker.subscribe(LOBBY, Subscription(outbox, sub_id))
+    room.broker.publish(Published("/topic/lobby", LOBBY, "alice", "text/plain", b"x"))
     first, second, third = (outbox.pushed[0] for outbox in outboxes)
     assert first is second
     assert third is not first
@@ -334,10 +338,10 @@ def test_one_frame_per_distinct_subscription_id(room: Room) -> None:
 
 def test_message_headers_are_the_servers(room: Room) -> None:
     outbox = RecordingOutbox()
-    room.broker.subscribe(("lobby",), Subscription(outbox, "s"))
+    room.broker.subscribe(LOBBY, Subscription(outbox, "s"))
     room.clock.now = NOW + 1.5
     published = Published(
-        "/topic/lobby", ("lobby",), "alice", "text/plain", b"hello", (("x-custom", "kept"),)
+        "/topic/lobby", LOBBY, "alice", "text/plain", b"hello", (("x-custom", "kept"),)
     )
     room.broker.publish(published)
     (message,) = outbox.frames()
@@ -351,9 +355,9 @@ def test_message_headers_are_the_servers(room: Room) -> None:
 def test_unsubscribed_gets_nothing(room: Room) -> None:
     outbox = RecordingOutbox()
     subscription = Subscription(outbox, "s")
-    room.broker.subscribe(("lobby",), subscription)
-    room.broker.unsubscribe(("lobby",), subscription)
-    room.broker.publish(Published("/topic/lobby", ("lobby",), "alice", "text/plain", b"x"))
+    room.broker.subscribe(LOBBY, subscription)
+    room.broker.unsubscribe(LOBBY, subscription)
+    room.broker.publish(Published("/topic/lobby", LOBBY, "alice", "text/plain", b"x"))
     assert outbox.pushed == []
 
 

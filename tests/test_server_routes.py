@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from chat.protocol.errors import HttpRefusal
+from chat.protocol.policy import DEFAULT_POLICY, Policy
 from chat.protocol.tokens import Claims, TokenAuthority, TokenPolicy
 from chat.server.http_api import HttpApi, Peer, Request, Response, refusal_response
 from chat.server.upgrade import authorize, is_upgrade
@@ -42,7 +43,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
     authority = TokenAuthority(keys, TokenPolicy(lifetime=LIFETIME, leeway=0))
     state = StateStore.open(tmp_path / "state.db")
     holder: list[Server] = []
-    api = HttpApi(authority, keys, state, InlineLane(), 3600, lambda: holder[0].clock())
+    policy = Policy.parse(DEFAULT_POLICY, "acl.toml")
+    api = HttpApi(
+        authority, keys, state, InlineLane(), 3600, lambda: policy, lambda: holder[0].clock()
+    )
     holder.append(Server(authority, keys, state, api))
     yield holder[0]
     state.close()

@@ -33,15 +33,18 @@ from wsproto.utilities import RemoteProtocolError as WsProtocolError
 from chat import pki
 from chat.history import History
 from chat.protocol.errors import CloseCode, HttpRefusal
+from chat.protocol.policy import PolicyError
 from chat.protocol.stomp import FrameParser, Limits
 from chat.protocol.tokens import Claims, TokenAuthority, TokenPolicy, TrustedIssuer
 from chat.protocol.wire import WS_PATH
+from chat.server.acl import PolicyFile
 from chat.server.broker import Broker
 from chat.server.config import ServerConfig
 from chat.server.connection import Connection, Ending, Outbox
 from chat.server.durability import Durability
 from chat.server.http_api import BadRequest, HttpApi, Peer, Request, Response, refusal_response
-from chat.server.session import SessionLimits, StompSession
+from chat.server.presence import Presence
+from chat.server.session import SessionLimits, Shared, StompSession
 from chat.server.storage import Lane, StorageUnavailable
 from chat.server.upgrade import BadHandshake, authorize, is_upgrade
 from chat.store.history import Retention
@@ -132,16 +135,33 @@ class ChatServer:
             trusted,
         )
         self.state = StateStore.open(config.state_dir / "state.db")
+        self.policy = PolicyFile.open(config.acl, config.state_dir)
         self.history = _open_history(config)
         self.keys_lane, self.state_lane, self.history_lane = lane(), lane(), lane()
+        self.policy_lane = lane()
         self.durability = Durability(self.history, self.history_lane)
         self.broker = Broker(self.history, self.durability, clock)
+        self.presence = Presence()
         self.api = HttpApi(
-            self.authority, self.keys, self.state, self.state_lane, config.refresh_lifetime, clock
+            self.authority,
+            self.keys,
+            self.state,
+            self.state_lane,
+            config.refresh_lifetime,
+            lambda: self.policy.current,
+            clock,
         )
         self.connections: set[Connection] = set()
         self._stop = trio.Event()
-        self._limits = SessionLimits(config.max_subscriptions, config.heartbeat)
+        self._shared = Shared(
+            self.broker,
+            self.presence,
+            lambda: self.policy.current,
+            self.authority,
+            self._is_revoked,
+            clock,
+            SessionLimits(config.max_subscriptions, config.heartbeat),
+        )
         self._frame_limits = Limits(config.max_frame_bytes, config.max_headers)
 
     def shutdown(self) -> None:
@@ -184,6 +204,7 @@ class ChatServer:
                 async with trio.open_nursery() as background:
                     background.start_soon(self._watch_revocations)
                     background.start_soon(self._watch_keys)
+                    background.start_soon(self._watch_policy)
                     background.start_soon(self.durability.run)
                     background.start_soon(self._prune)
                     background.start_soon(accept, handlers)
@@ -233,6 +254,27 @@ class ChatServer:
                 outage.failed(exc)
                 continue
             outage.over()
+
+    async def _watch_policy(self) -> None:
+        """The operator edits the policy file: re-read it, then re-check every live session
+        (PROTOCOL.md §9: within 2 s). A broken file is logged; the old policy stays."""
+        outage = _Outage("watching the policy file")
+        while True:
+            await trio.sleep(self.config.revocation_poll)
+            try:
+                if not await self.policy_lane.run(self.policy.changed):
+                    continue
+                await self.policy_lane.run(self.policy.reload)
+            except StorageUnavailable as exc:
+                outage.failed(exc)
+                continue
+            except PolicyError as exc:
+                log.error("policy not reloaded, the previous one stays in force: %s", exc)
+                continue
+            outage.over()
+            log.info("policy reloaded from %s", self.policy.path)
+            for connection in list(self.connections):
+                connection.check_authorization()
 
     async def _prune(self) -> None:
         while True:
@@ -327,15 +369,7 @@ class ChatServer:
             await _respond(stream, http, refusal_response(refusal))
             return
         outbox = Outbox(self.config.outbound_buffer_bytes)
-        session = StompSession(
-            outbox,
-            self.broker,
-            upgrade.claims,
-            self._limits,
-            self.authority,
-            self._is_revoked,
-            self.clock,
-        )
+        session = StompSession(outbox, upgrade.claims, self._shared)
         connection = Connection(
             stream,
             ws,

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from chat.history import History, Position
 from chat.protocol.stomp import encode_header
-from chat.protocol.topics import TopicTrie
+from chat.protocol.topics import TOPIC, USER, Route, TopicTrie
 from chat.server.durability import Durability
 from chat.store.history import Stored
 from chat.wsframes import data_frame
@@ -42,7 +42,7 @@ class Published:
     """What the broker needs of a SEND, already validated by the session."""
 
     destination: str
-    topic: tuple[str, ...]
+    route: Route  # a topic, or an inbox (PROTOCOL.md §10)
     sender: str
     content_type: str
     body: bytes
@@ -64,29 +64,31 @@ SERVER_HEADERS = frozenset(
         "epoch",
         "ack",
         "transaction",
+        "to",
     }
 )
 
 
 class Broker:
-    """Holds every subscription in one topic trie, records and delivers published messages."""
+    """Holds every subscription in a trie per space (topics, inboxes: a `#` on topics must
+    never match an inbox), records and delivers published messages."""
 
     def __init__(
         self, history: History, durability: Durability, clock: Callable[[], float] = time.time
     ) -> None:
-        self._trie: TopicTrie[Subscription] = TopicTrie()
+        self._tries: dict[str, TopicTrie[Subscription]] = {TOPIC: TopicTrie(), USER: TopicTrie()}
         self.history = history
         self.durability = durability
         self._clock = clock  # the wall clock of MESSAGE timestamps
 
-    def subscribe(self, pattern: tuple[str, ...], subscription: Subscription) -> None:
-        self._trie.add(pattern, subscription)
+    def subscribe(self, route: Route, subscription: Subscription) -> None:
+        self._tries[route.space].add(route.pattern, subscription)
 
-    def unsubscribe(self, pattern: tuple[str, ...], subscription: Subscription) -> None:
-        self._trie.discard(pattern, subscription)
+    def unsubscribe(self, route: Route, subscription: Subscription) -> None:
+        self._tries[route.space].discard(route.pattern, subscription)
 
     def __len__(self) -> int:
-        return len(self._trie)
+        return sum(len(trie) for trie in self._tries.values())
 
     def position(self, destination: str) -> Position:
         """Where a subscription made now starts; wakes the committer if its epoch is new."""
@@ -107,11 +109,11 @@ class Broker:
         )
         self.durability.appended()
         # Visible once durable: nobody may see an offset a crash could give to another message.
-        self.durability.after(stored.seq, lambda: self._deliver(stored, message.topic))
+        self.durability.after(stored.seq, lambda: self._deliver(stored, message.route))
         return stored
 
-    def _deliver(self, stored: Stored, topic: tuple[str, ...]) -> None:
-        recipients = self._trie.match(topic)
+    def _deliver(self, stored: Stored, route: Route) -> None:
+        recipients = self._tries[route.space].match(route.pattern)
         if not recipients:
             return
         tail = message_tail(stored)

@@ -26,6 +26,7 @@ from chat.cli_common import (
     config_from,
     run_main,
 )
+from chat.protocol.policy import PolicyError
 from chat.protocol.tokens import TokenConfigError
 from chat.server.app import ChatServer
 from chat.server.config import DEFAULT_PORT, ConfigError, ServerConfig
@@ -66,7 +67,9 @@ KEYS_HELP = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command (serving by default); the exit status (0, 2 after one line, 130)."""
     return run_main(
-        PROG, partial(_main, argv), (ConfigError, pki.PkiError, TokenConfigError, StoreUnusable)
+        PROG,
+        partial(_main, argv),
+        (ConfigError, pki.PkiError, TokenConfigError, StoreUnusable, PolicyError),
     )
 
 

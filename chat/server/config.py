@@ -92,6 +92,14 @@ class ServerConfig:
         "signing keys, the token database and the message history",
         group=STATE,
     )
+    acl: Path | None = option(
+        None,
+        "the policy file (TOML): who may subscribe, publish and send direct messages; "
+        "re-read when it changes",
+        group=STATE,
+        metavar="FILE",
+        shown="STATE_DIR/acl.toml, written with an allow-all policy on first start",
+    )
     issuer: str = "chat"
     # External identity providers whose tokens are accepted too: (JWK Set file, their `iss`).
     trusted_jwks: tuple[tuple[Path, str], ...] = option(
@@ -160,7 +168,8 @@ class ServerConfig:
         group=SHUTDOWN,
         metavar="SECONDS",
     )
-    revocation_poll: float = 1.0  # how often live sessions are re-checked against revocations
+    # how often revocations and the policy file are re-read (live sessions then re-checked)
+    revocation_poll: float = 1.0
     log_level: str = option("info", "log verbosity on stderr", group=LOGGING, choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:

@@ -230,6 +230,8 @@ class Connection:
         if event.receipt is not None:
             receipt = Frame("RECEIPT", (("receipt-id", event.receipt), *acted.receipt_headers))
             self.session.receipt(data_frame(self._protocol.send(receipt)), acted.durable_seq)
+        if acted.then is not None:
+            self.session.then(acted.then)
         return acted.disconnect
 
     async def _writer(self) -> None:

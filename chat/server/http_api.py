@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from chat.protocol.errors import HttpRefusal
+from chat.protocol.policy import Policy
 from chat.protocol.tokens import TokenAuthority
 from chat.protocol.wire import BEARER_PREFIX, STOMP_SUBPROTOCOL, WS_PATH
 from chat.server.storage import Lane
@@ -102,6 +103,7 @@ class HttpApi:
         state: StateStore,
         state_lane: Lane,
         refresh_lifetime: float,
+        policy: Callable[[], Policy],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._authority = authority
@@ -109,6 +111,7 @@ class HttpApi:
         self._state = state
         self._state_lane = state_lane
         self._refresh_lifetime = refresh_lifetime
+        self._policy = policy
         self._clock = clock
         self._routes: dict[str, dict[str, Handler]] = {
             WS_PATH: {"GET": self._upgrade_required},
@@ -116,6 +119,7 @@ class HttpApi:
             "/auth/refresh": {"POST": self._refresh},
             "/.well-known/jwks.json": {"GET": self._jwks},
             "/healthz": {"GET": self._health},
+            "/auth/me": {"GET": self._me},
         }
 
     async def handle(self, request: Request, peer: Peer) -> Response:
@@ -141,6 +145,11 @@ class HttpApi:
 
     async def _health(self, request: Request, peer: Peer) -> Response:
         return text_response(200, b"ok")
+
+    async def _me(self, request: Request, peer: Peer) -> Response:
+        """What the policy in force lets this identity do (PROTOCOL.md §9)."""
+        rights = self._policy().rights(peer.identity)
+        return json_response(200, rights.as_json(), (("Cache-Control", "no-store"),))
 
     async def _jwks(self, request: Request, peer: Peer) -> Response:
         return json_response(200, self._keys.jwks(), (("Cache-Control", "max-age=60"),))

@@ -15,6 +15,14 @@ to catch up on is a `_Replay` cursor, not yet in the broker. The connection's wr
 committed messages, a bounded chunk. A cursor that reaches the topic's high-water mark joins
 the broker in the same synchronous step, and live fan-out happens synchronously when a commit
 is marked, so between replay and live there is no gap and no duplicate.
+
+Authorization (PROTOCOL.md §9) is decided when a subscription is made and when a frame is
+sent, never per delivered message: the session holds its identity's `Rights` from the policy
+in force, and each `check_authorization()` (the connection's timer, and every policy reload)
+compares them with the current ones; a subscription the new rights no longer allow ends the
+session with `ERROR message:forbidden`. A SEND to `/user/NAME` is stored twice (§10): in
+NAME's inbox and in the sender's own. Exact topic subscriptions make their identity a member
+of the room (§11); a `/presence/ROOM` subscription gets its snapshot after its RECEIPT.
 """
 
 from __future__ import annotations
@@ -28,9 +36,18 @@ from typing import Any, Protocol
 from chat.history import HistoryGap
 from chat.protocol import events
 from chat.protocol.errors import HttpRefusal, InvalidDestination, MalformedFrame, PolicyViolation
+from chat.protocol.policy import Policy
 from chat.protocol.stomp import Frame
 from chat.protocol.tokens import Claims, TokenAuthority, check_binding
-from chat.protocol.topics import ANY, ONE, parse_destination
+from chat.protocol.topics import (
+    PRESENCE,
+    TOPIC,
+    USER,
+    USER_PREFIX,
+    Route,
+    is_exact,
+    parse_route,
+)
 from chat.protocol.wire import TEXT_PLAIN, TOKEN_DESTINATION
 from chat.server.broker import (
     SERVER_HEADERS,
@@ -41,6 +58,7 @@ from chat.server.broker import (
     message_frame,
     message_tail,
 )
+from chat.server.presence import Presence
 
 SERVER_NAME = "chat/0.1"
 # One refill of a replay: big enough to amortize a send_all, small next to a default outbox.
@@ -61,6 +79,10 @@ class Unsupported(PolicyViolation):
 
 class AuthorizationLost(PolicyViolation):
     """The connection's token expired, was revoked, or a renewal was refused (PROTOCOL.md §7)."""
+
+
+class Forbidden(PolicyViolation):
+    """The policy does not grant this subscription or send (PROTOCOL.md §9)."""
 
 
 class ReplayFellBehind(PolicyViolation):
@@ -84,7 +106,16 @@ class _Replay:
     destination: str
     epoch: str
     after: int  # the last offset pushed (or where the replay starts)
-    pattern: tuple[str, ...]
+    route: Route
+    subscription: Subscription
+
+
+@dataclass(frozen=True, slots=True)
+class _Live:
+    """One of the session's subscriptions: a topic pattern, its own inbox, or a presence watch."""
+
+    destination: str
+    route: Route
     subscription: Subscription
 
 
@@ -97,6 +128,7 @@ class Acted:
     durable_seq: int = 0
     disconnect: bool = False
     reply: Frame | None = None
+    then: Callable[[], None] | None = None  # once the RECEIPT (if any) is pushed: `then()`
 
 
 ACTED = Acted()
@@ -108,10 +140,27 @@ class SessionLimits:
     heartbeat: tuple[int, int]
 
 
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What every session of one server shares."""
+
+    broker: Broker
+    presence: Presence
+    policy: Callable[[], Policy]  # the policy in force, re-read when its file changes
+    authority: TokenAuthority
+    is_revoked: Callable[[Claims], bool]
+    clock: Callable[[], float]  # the wall clock
+    limits: SessionLimits
+
+
 @functools.lru_cache(maxsize=4096)
-def _send_topic(destination: str) -> tuple[str, ...]:
+def _send_route(destination: str) -> Route:
     # Publishers reuse a handful of destinations: validate each once.
-    return parse_destination(destination, wildcards=False)
+    return parse_route(destination, wildcards=False)
+
+
+def _room(route: Route) -> str:
+    return ".".join(route.pattern)
 
 
 def _content_type(frame: Frame) -> str:
@@ -128,25 +177,19 @@ def _content_type(frame: Frame) -> str:
 class StompSession:
     """The policy state of one authenticated STOMP connection."""
 
-    def __init__(
-        self,
-        outbox: SessionOutbox,
-        broker: Broker,
-        claims: Claims,
-        limits: SessionLimits,
-        authority: TokenAuthority,
-        is_revoked: Callable[[Claims], bool],
-        clock: Callable[[], float],
-    ) -> None:
+    def __init__(self, outbox: SessionOutbox, claims: Claims, shared: Shared) -> None:
         self.outbox = outbox
         self.claims = claims
         self.id = f"s{next(_session_ids)}"
-        self._broker = broker
-        self._limits = limits
-        self._authority = authority
-        self._is_revoked = is_revoked
-        self._clock = clock
-        self._subscriptions: dict[str, tuple[tuple[str, ...], Subscription]] = {}
+        self._broker = shared.broker
+        self._presence = shared.presence
+        self._policy = shared.policy
+        self._limits = shared.limits
+        self._authority = shared.authority
+        self._is_revoked = shared.is_revoked
+        self._clock = shared.clock
+        self._rights = self._policy().rights(claims.sub)
+        self._subscriptions: dict[str, _Live] = {}
         self._replays: dict[str, _Replay] = {}  # by subscription id, oldest first
         self._receipt_floor = (
             0  # receipts leave in order: none before an earlier one's data is durable
@@ -178,12 +221,15 @@ class StompSession:
         self._receipt_floor = max(self._receipt_floor, durable_seq)
         self._broker.durability.after(self._receipt_floor, lambda: self.outbox.push(data))
 
+    def then(self, action: Callable[[], None]) -> None:
+        """Run `action` once every RECEIPT pushed so far has left (a presence snapshot
+        follows its SUBSCRIBE's RECEIPT, PROTOCOL.md §11)."""
+        self._broker.durability.after(self._receipt_floor, action)
+
     def close(self) -> None:
         """Drop every subscription and replay; the connection is going away."""
-        self._replays.clear()
-        for pattern, subscription in self._subscriptions.values():
-            self._broker.unsubscribe(pattern, subscription)
-        self._subscriptions.clear()
+        for sub_id in list(self._subscriptions):
+            self._end(sub_id)
 
     def refill(self) -> None:
         """Page replays into the outbox, oldest first, up to the budget; the writer calls it.
@@ -224,17 +270,34 @@ class StompSession:
     def _go_live(self, replay: _Replay) -> None:
         # Synchronous with the read that reached the high-water mark: no gap, no duplicate.
         del self._replays[replay.subscription.id]
-        self._broker.subscribe(replay.pattern, replay.subscription)
+        self._broker.subscribe(replay.route, replay.subscription)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
     def check_authorization(self) -> None:
-        """Raise AuthorizationLost once the token has expired or been revoked."""
+        """Raise AuthorizationLost once the token has expired or been revoked, Forbidden once
+        the policy no longer allows one of the subscriptions."""
         if self._clock() >= self.claims.exp:
             raise AuthorizationLost("token expired", "the access token expired; renew it")
         if self._is_revoked(self.claims):
             raise AuthorizationLost("token revoked", "the access token or identity was revoked")
+        rights = self._policy().rights(self.identity)
+        if rights is not self._rights:  # the policy changed (the usual answer is a cache hit)
+            self._rights = rights
+            for live in self._subscriptions.values():
+                self._authorize(live.destination, live.route, "no longer lets")
+
+    def _authorize(self, destination: str, route: Route, verb: str = "does not let") -> None:
+        """Forbidden unless the rights allow subscribing to `route` (PROTOCOL.md §9-§11)."""
+        if route.space == USER:
+            allowed = route.pattern == (self.identity,)  # an inbox is its owner's alone
+        else:  # a topic pattern, or the room a presence subscription watches
+            allowed = self._rights.may_subscribe(route.pattern)
+        if not allowed:
+            raise Forbidden(
+                "forbidden", f"the policy {verb} {self.identity} subscribe to {destination}"
+            )
 
     def _connect(self, event: events.Connect) -> Acted:
         offer = self._limits.heartbeat
@@ -256,18 +319,43 @@ class StompSession:
         if destination == TOKEN_DESTINATION:
             self._renew(frame.body)
             return ACTED
+        route = _send_route(destination)
         extra = tuple((name, value) for name, value in frame.headers if name not in SERVER_HEADERS)
-        stored = self._broker.publish(
-            Published(
-                destination,
-                _send_topic(destination),
-                self.identity,
-                _content_type(frame),
-                frame.body,
-                extra,
+        if route.space == USER:
+            return self._direct(frame, route.pattern[0], extra)
+        if route.space == PRESENCE:
+            raise InvalidDestination(
+                "cannot send to presence", f"{destination} is announced by the server"
             )
+        if not self._rights.may_publish(route.pattern):
+            raise Forbidden(
+                "forbidden", f"the policy does not let {self.identity} publish to {destination}"
+            )
+        stored = self._broker.publish(
+            Published(destination, route, self.identity, _content_type(frame), frame.body, extra)
         )
         return Acted(durable_seq=stored.seq)
+
+    def _direct(self, frame: Frame, name: str, extra: tuple[tuple[str, str], ...]) -> Acted:
+        """A direct message (PROTOCOL.md §10): one copy in NAME's inbox, one in the sender's
+        (once, to oneself), both with `to`; the RECEIPT waits for both."""
+        if not self._rights.may_message(name):
+            raise Forbidden("forbidden", f"the policy does not let {self.identity} message {name}")
+        headers = (*extra, ("to", name))
+        seq = 0
+        for owner in dict.fromkeys((name, self.identity)):
+            stored = self._broker.publish(
+                Published(
+                    USER_PREFIX + owner,
+                    Route(USER, (owner,)),
+                    self.identity,
+                    _content_type(frame),
+                    frame.body,
+                    headers,
+                )
+            )
+            seq = max(seq, stored.seq)
+        return Acted(durable_seq=seq)
 
     def _renew(self, body: bytes) -> None:
         try:
@@ -284,15 +372,23 @@ class StompSession:
     def _subscribe(self, event: events.Subscribe) -> Acted:
         frame, destination, sub_id = event.frame, event.destination, event.id
         self._check_new_subscription(event)
-        pattern = parse_destination(destination, wildcards=True)
-        exact = ANY not in pattern and ONE not in pattern
-        asked = _history_request(frame, destination, exact)
+        route = parse_route(destination, wildcards=True)
+        self._authorize(destination, route)
+        asked = _history_request(frame, destination, route)
         subscription = Subscription(self.outbox, sub_id)
-        self._subscriptions[sub_id] = (pattern, subscription)
-        if not exact:
-            self._broker.subscribe(pattern, subscription)
+        live = self._subscriptions[sub_id] = _Live(destination, route, subscription)
+        if route.space == PRESENCE:
+            return Acted(then=lambda: self._watch(sub_id, live))
+        if route.space == TOPIC and is_exact(route.pattern):
+            self._presence.join(_room(route), self.identity)
+        if not is_exact(route.pattern):
+            self._broker.subscribe(route, subscription)
             return ACTED
-        return self._subscribe_exact(frame, destination, pattern, subscription, asked)
+        return self._subscribe_exact(frame, destination, route, subscription, asked)
+
+    def _watch(self, sub_id: str, live: _Live) -> None:
+        if self._subscriptions.get(sub_id) is live:  # not unsubscribed before its RECEIPT left
+            self._presence.watch(_room(live.route), live.subscription)
 
     def _check_new_subscription(self, event: events.Subscribe) -> None:
         sub_id = event.id
@@ -312,7 +408,7 @@ class StompSession:
         self,
         frame: Frame,
         destination: str,
-        pattern: tuple[str, ...],
+        route: Route,
         subscription: Subscription,
         asked: tuple[str, int] | None,
     ) -> Acted:
@@ -324,11 +420,11 @@ class StompSession:
         position = self._broker.position(destination)
         after, headers = self._replay_start(frame, destination, asked, position.offset)
         if after < position.offset:
-            replay = _Replay(destination, position.epoch, after, pattern, subscription)
+            replay = _Replay(destination, position.epoch, after, route, subscription)
             self._replays[subscription.id] = replay
             self.refill()
         else:
-            self._broker.subscribe(pattern, subscription)
+            self._broker.subscribe(route, subscription)
         headers += (("epoch", position.epoch), ("offset", str(position.offset)))
         return Acted(headers, durable_seq=position.durable_seq)
 
@@ -347,12 +443,21 @@ class StompSession:
 
     def _unsubscribe(self, event: events.Unsubscribe) -> Acted:
         sub_id = event.id
-        entry = self._subscriptions.pop(sub_id, None)
-        if entry is None:
+        if sub_id not in self._subscriptions:
             raise PolicyViolation("unknown subscription", f"no subscription with id '{sub_id}'")
-        if self._replays.pop(sub_id, None) is None:  # mid-replay it is not in the broker yet
-            self._broker.unsubscribe(*entry)
+        self._end(sub_id)
         return ACTED
+
+    def _end(self, sub_id: str) -> None:
+        live = self._subscriptions.pop(sub_id)
+        route, subscription = live.route, live.subscription
+        if route.space == PRESENCE:
+            self._presence.unwatch(_room(route), subscription)
+            return
+        if self._replays.pop(sub_id, None) is None:  # mid-replay it is not in the broker yet
+            self._broker.unsubscribe(route, subscription)
+        if route.space == TOPIC and is_exact(route.pattern):
+            self._presence.leave(_room(route), self.identity)
 
     def _disconnect(self, event: events.Disconnect) -> Acted:
         return Acted(disconnect=True)
@@ -366,7 +471,7 @@ class StompSession:
         raise Unsupported(f"{command} not supported", "transactions are not supported")
 
 
-def _history_request(frame: Frame, destination: str, exact: bool) -> tuple[str, int] | None:
+def _history_request(frame: Frame, destination: str, route: Route) -> tuple[str, int] | None:
     """The SUBSCRIBE's replay request, ("since-offset" or "last", N), validated; or None."""
     asked = [(name, value) for name in HISTORY_HEADERS if (value := frame.get(name)) is not None]
     if not asked:
@@ -378,7 +483,11 @@ def _history_request(frame: Frame, destination: str, exact: bool) -> tuple[str, 
             " the latest messages; not both",
         )
     name, value = asked[0]
-    if not exact:
+    if route.space == PRESENCE:
+        raise InvalidDestination(
+            f"{name} needs a topic or an inbox", f"{destination} has no history to replay"
+        )
+    if not is_exact(route.pattern):
         raise InvalidDestination(
             f"{name} needs an exact topic",
             f"cannot replay history into the wildcard subscription {destination}",
