@@ -111,6 +111,24 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.mark.parametrize(
+    ("option", "value", "line"),
+    [
+        ("--port", "99999", "--port must be 0 to 65535, not 99999"),
+        ("--port", "-1", "--port must be 0 to 65535, not -1"),
+        ("--token-lifetime", "0", "--token-lifetime must be at least 1, not 0"),
+        ("--max-frame-bytes", "10", "--max-frame-bytes must be 1024 to 67108864, not 10"),
+        ("--token-rate", "0", "--token-rate must be at least 0.001, not 0"),
+        ("--max-connections", "0", "--max-connections must be 1 to 10000000, not 0"),
+    ],
+)
+def test_a_value_that_cannot_work_is_one_line(
+    option: str, value: str, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([option, value]) == 2  # in-process: the same path as the command's
+    assert capsys.readouterr().err == f"chat-server: {line}\n"
+
+
+@pytest.mark.parametrize(
     ("command", "store"),
     [
         ((), "the signing-key store"),
@@ -262,9 +280,21 @@ def test_help_shows_every_option_of_the_config_with_its_default() -> None:
         "--max-frame-bytes": "65536",
         "--max-subscriptions": "128",
         "--outbound-buffer-bytes": "4194304",
+        "--max-connections": "10000",
+        "--max-handshakes": "256",
+        "--max-connections-per-identity": "32",
+        "--max-subscriptions-per-identity": "1024",
+        "--token-rate": "1",
+        "--token-burst": "10",
+        "--max-refresh-families": "16",
+        "--publish-rate": "1000",
+        "--publish-burst": "1000",
         "--history": "sqlite",
         "--retention-count": "1000",
         "--retention-age": "604800",
+        "--retention-bytes": "16777216",
+        "--history-memory-bytes": "67108864",
+        "--max-topics": "100000",
         "--shutdown-grace": "5",
         "--log-level": "info",
     }

@@ -24,9 +24,48 @@ CERTIFICATES = "certificates"
 STATE = "state"
 TOKENS = "tokens"
 STOMP = "STOMP"
+LIMITS = "limits"
 HISTORY = "history"
 SHUTDOWN = "shutdown"
 LOGGING = "logging"
+
+
+_NO_MAX = float("inf")
+_TINY = 0.001  # the smallest interval that still means something
+# Each numeric setting's working range; a value outside is a one-line ConfigError.
+_BOUNDS: tuple[tuple[str, float, float], ...] = (
+    ("port", 0, 65535),
+    ("token_lifetime", 1, _NO_MAX),
+    ("refresh_lifetime", 1, _NO_MAX),
+    ("clock_leeway", 0, 3600),
+    ("max_frame_bytes", 1024, 64 * 1024 * 1024),  # below 1 KiB not even a CONNECT with a token fits
+    ("max_headers", 4, 1024),  # CONNECT needs accept-version and host
+    ("max_subscriptions", 1, 100_000),
+    ("outbound_buffer_bytes", 1, _NO_MAX),
+    ("max_connections", 1, 10_000_000),
+    ("max_handshakes", 1, 10_000_000),
+    ("max_connections_per_identity", 1, 10_000_000),
+    ("max_subscriptions_per_identity", 1, 100_000_000),
+    ("token_rate", _TINY, _NO_MAX),
+    ("token_burst", 1, _NO_MAX),
+    ("max_refresh_families", 1, 1_000_000),
+    ("publish_rate", 0, _NO_MAX),
+    ("publish_burst", 1, _NO_MAX),
+    ("handshake_timeout", _TINY, 3600),
+    ("connect_timeout", _TINY, 3600),
+    ("close_timeout", _TINY, 3600),
+    ("retention_count", 0, _NO_MAX),
+    ("retention_age", 0, _NO_MAX),
+    ("retention_bytes", 0, _NO_MAX),
+    ("history_memory_bytes", 0, _NO_MAX),
+    ("max_topics", 1, _NO_MAX),
+    ("shutdown_grace", 0, 3600),
+    ("revocation_poll", _TINY, 3600),
+)
+
+
+def _shown(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 class ConfigError(ValueError):
@@ -53,7 +92,7 @@ class ServerConfig:
     """Everything `chat-server` can be told; its options are made from these fields."""
 
     host: str = option("127.0.0.1", "address to listen on", group=LISTENER)
-    port: int = option(DEFAULT_PORT, "TCP port", group=LISTENER)
+    port: int = option(DEFAULT_PORT, "TCP port (0: any free port)", group=LISTENER)
     certs_dir: Path = option(
         Path("certs"),
         "folder with server.crt, server.key, ca.crt, crl.pem; with none of --cert, --key, --ca, "
@@ -144,6 +183,59 @@ class ServerConfig:
         group=STOMP,
         metavar="BYTES",
     )
+    # Limits (PROTOCOL.md §12, first point): what one client, or many idle sockets, can take.
+    max_connections: int = option(
+        10_000,
+        "open connections in all (TLS handshakes included); beyond it the oldest unfinished "
+        "handshakes are shed first, then new connections are closed at once",
+        group=LIMITS,
+        metavar="N",
+    )
+    max_handshakes: int = option(
+        256,
+        "TLS handshakes and request heads in progress at once; a new one beyond it sheds the "
+        "oldest unfinished one",
+        group=LIMITS,
+        metavar="N",
+    )
+    max_connections_per_identity: int = option(
+        32,
+        "WebSocket connections one identity may hold (beyond: 429 too_many_connections)",
+        group=LIMITS,
+        metavar="N",
+    )
+    max_subscriptions_per_identity: int = option(
+        1024,
+        "subscriptions one identity may hold across all its connections",
+        group=LIMITS,
+        metavar="N",
+    )
+    token_rate: float = option(
+        1.0,
+        "token requests (POST /auth/token, /auth/refresh) per second and identity, on average "
+        "(beyond: 429 rate_limited with Retry-After)",
+        group=LIMITS,
+        metavar="PER_S",
+    )
+    token_burst: int = option(
+        10, "token requests one identity may make at once", group=LIMITS, metavar="N"
+    )
+    max_refresh_families: int = option(
+        16,
+        "refresh-token families (logged-in devices) per identity; a new one expires the oldest",
+        group=LIMITS,
+        metavar="N",
+    )
+    publish_rate: float = option(
+        1000.0,
+        "SENDs per second and connection, on average; a faster publisher is read more slowly, "
+        "never dropped (0: no limit)",
+        group=LIMITS,
+        metavar="PER_S",
+    )
+    publish_burst: int = option(
+        1000, "SENDs a connection may make at once", group=LIMITS, metavar="N"
+    )
     handshake_timeout: float = 10.0  # TLS handshake + HTTP request head
     connect_timeout: float = 10.0  # WebSocket open until STOMP CONNECT
     close_timeout: float = 2.0  # how long we wait for the peer's close frame
@@ -161,6 +253,26 @@ class ServerConfig:
     retention_age: float = option(
         7 * 86400.0, "how long a message is kept for resume", group=HISTORY, metavar="SECONDS"
     )
+    retention_bytes: int = option(
+        16 * 1024 * 1024,
+        "message bytes kept per topic for resume (the oldest go first)",
+        group=HISTORY,
+        metavar="BYTES",
+    )
+    history_memory_bytes: int = option(
+        64 * 1024 * 1024,
+        "message bytes kept in memory for fast replays, all topics together; older retained "
+        "messages are read from disk",
+        group=HISTORY,
+        metavar="BYTES",
+    )
+    max_topics: int = option(
+        100_000,
+        "topics (and inboxes) held in memory; the least recently used idle ones are dropped "
+        "from memory first (their history stays on disk)",
+        group=HISTORY,
+        metavar="N",
+    )
     # SIGTERM: time connections get to close with 1001
     shutdown_grace: float = option(
         5.0,
@@ -173,6 +285,14 @@ class ServerConfig:
     log_level: str = option("info", "log verbosity on stderr", group=LOGGING, choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
+        for name, low, high in _BOUNDS:
+            value = getattr(self, name)
+            if not low <= value <= high:
+                flag = "--" + name.replace("_", "-")
+                within = f"at least {_shown(low)}"
+                if high != _NO_MAX:
+                    within = f"{_shown(low)} to {_shown(high)}"
+                raise ConfigError(f"{flag} must be {within}, not {_shown(value)}")
         if self.outbound_buffer_bytes < MIN_BUFFER_FRAMES * self.max_frame_bytes:
             raise ConfigError(
                 f"outbound buffer ({self.outbound_buffer_bytes} bytes) must hold at least "
