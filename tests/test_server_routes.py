@@ -14,6 +14,7 @@ import pytest
 from chat.protocol.errors import HttpRefusal
 from chat.protocol.policy import DEFAULT_POLICY, Policy
 from chat.protocol.tokens import Claims, TokenAuthority, TokenPolicy
+from chat.server.config import ServerConfig
 from chat.server.http_api import HttpApi, Peer, Request, Response, refusal_response
 from chat.server.upgrade import authorize, is_upgrade
 from chat.store.keys import KeyStore
@@ -45,7 +46,13 @@ def server(tmp_path: Path) -> Iterator[Server]:
     holder: list[Server] = []
     policy = Policy.parse(DEFAULT_POLICY, "acl.toml")
     api = HttpApi(
-        authority, keys, state, InlineLane(), 3600, lambda: policy, lambda: holder[0].clock()
+        authority,
+        keys,
+        state,
+        InlineLane(),
+        ServerConfig(refresh_lifetime=3600),
+        lambda: policy,
+        lambda: holder[0].clock(),
     )
     holder.append(Server(authority, keys, state, api))
     yield holder[0]

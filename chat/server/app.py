@@ -147,7 +147,7 @@ class ChatServer:
             self.keys,
             self.state,
             self.state_lane,
-            config.refresh_lifetime,
+            config,
             lambda: self.policy.current,
             clock,
         )
@@ -160,7 +160,13 @@ class ChatServer:
             self.authority,
             self._is_revoked,
             clock,
-            SessionLimits(config.max_subscriptions, config.heartbeat),
+            SessionLimits(
+                config.max_subscriptions,
+                config.heartbeat,
+                config.max_subscriptions_per_identity,
+                config.publish_rate,
+                config.publish_burst,
+            ),
         )
         self._frame_limits = Limits(config.max_frame_bytes, config.max_headers)
 
@@ -396,7 +402,13 @@ async def serve(
 
 
 def _open_history(config: ServerConfig) -> History:
-    retention = Retention(config.retention_count, config.retention_age)
+    retention = Retention(
+        config.retention_count,
+        config.retention_age,
+        config.retention_bytes,
+        config.history_memory_bytes,
+        config.max_topics,
+    )
     if config.history == "memory":
         return History.memory(retention)
     return History.open_sqlite(config.state_dir / "history.db", retention)

@@ -18,6 +18,7 @@ from chat.protocol.errors import HttpRefusal
 from chat.protocol.policy import Policy
 from chat.protocol.tokens import TokenAuthority
 from chat.protocol.wire import BEARER_PREFIX, STOMP_SUBPROTOCOL, WS_PATH
+from chat.server.config import ServerConfig
 from chat.server.storage import Lane
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
@@ -102,7 +103,7 @@ class HttpApi:
         keys: KeyStore,
         state: StateStore,
         state_lane: Lane,
-        refresh_lifetime: float,
+        config: ServerConfig,
         policy: Callable[[], Policy],
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -110,7 +111,7 @@ class HttpApi:
         self._keys = keys
         self._state = state
         self._state_lane = state_lane
-        self._refresh_lifetime = refresh_lifetime
+        self._config = config
         self._policy = policy
         self._clock = clock
         self._routes: dict[str, dict[str, Handler]] = {
@@ -158,7 +159,7 @@ class HttpApi:
         now = self._clock()
         # Refuses a revoked identity (identity_revoked) inside the same transaction.
         refresh = await self._state_lane.run(
-            self._state.issue_refresh, peer.identity, peer.x5t, now, self._refresh_lifetime
+            self._state.issue_refresh, peer.identity, peer.x5t, now, self._config.refresh_lifetime
         )
         return self._grant(peer, refresh, now)
 
@@ -171,7 +172,7 @@ class HttpApi:
             peer.identity,
             peer.x5t,
             now,
-            self._refresh_lifetime,
+            self._config.refresh_lifetime,
         )
         return self._grant(peer, refresh, now)
 

@@ -136,8 +136,11 @@ ACTED = Acted()
 
 @dataclass(frozen=True, slots=True)
 class SessionLimits:
-    max_subscriptions: int
+    max_subscriptions: int  # per connection
     heartbeat: tuple[int, int]
+    max_subscriptions_per_identity: int = 1024  # across its connections
+    publish_rate: float = 0.0  # SENDs per second and connection; 0: no limit
+    publish_burst: int = 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,14 +63,20 @@ _LOAD = (
 
 @dataclass(frozen=True, slots=True)
 class Retention:
-    """How much history each topic keeps (PROTOCOL.md §8: count and age)."""
+    """How much history is kept: per topic (PROTOCOL.md §8: count, age, bytes), and in memory
+    for all topics together (bytes, topics); older retained messages are read from disk."""
 
     max_count: int = 1000  # per topic
     max_age: float = 7 * 86400.0  # seconds
+    max_bytes: int = 16 * 1024 * 1024  # per topic
+    memory_bytes: int = 64 * 1024 * 1024  # message bytes in memory, all topics
+    max_topics: int = 100_000  # topics in memory
 
     def __post_init__(self) -> None:
-        if self.max_count < 0 or self.max_age < 0:
+        if min(self.max_count, self.max_age, self.max_bytes, self.memory_bytes) < 0:
             raise ValueError(f"retention limits must not be negative: {self}")
+        if self.max_topics < 1:
+            raise ValueError(f"at least one topic must fit in memory: {self}")
 
 
 @dataclass(frozen=True, slots=True)
