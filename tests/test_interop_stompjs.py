@@ -21,16 +21,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-async def test_stompjs_connects_subscribes_publishes(start_server, pki: TestPki) -> None:
-    server: RunningServer = await start_server(heartbeat=(1000, 1000))
+async def run_node(script: str, pki: TestPki, server: RunningServer) -> str:
+    """Run one of tests/interop's scripts against `server`; its output, once it exited 0."""
     result = await trio.run_process(
-        ["node", str(INTEROP / "stompjs_check.mjs"), str(pki.dir), str(server.port)],
+        ["node", str(INTEROP / script), str(pki.dir), str(server.port)],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
     )
     out = result.stdout.decode()
     assert result.returncode == 0, out + result.stderr.decode()
+    return out
+
+
+async def test_stompjs_connects_subscribes_publishes(start_server, pki: TestPki) -> None:
+    server: RunningServer = await start_server(heartbeat=(1000, 1000))
+    out = await run_node("stompjs_check.mjs", pki, server)
     assert "CONNECTED user-name=alice version=1.2 protocol=v12.stomp" in out
     assert 'MESSAGE /topic/js.room sender=alice "hello from stomp.js"' in out
     assert "DISCONNECTED" in out
@@ -52,14 +58,7 @@ async def test_stompjs_sees_rooms_direct_messages_and_presence(
     acl = tmp_path / "acl.toml"
     acl.write_text(ROOMS_POLICY)
     server: RunningServer = await start_server(acl=acl)
-    result = await trio.run_process(
-        ["node", str(INTEROP / "stompjs_rooms.mjs"), str(pki.dir), str(server.port)],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    out = result.stdout.decode()
-    assert result.returncode == 0, out + result.stderr.decode()
+    out = await run_node("stompjs_rooms.mjs", pki, server)
     me = (
         'ME {"sub":"alice","subscribe":["lobby","team.alice.#"],"publish":["lobby"],'
         '"message":["*"],"admin":false}'

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from chat.protocol.policy import DEFAULT_POLICY, Policy, PolicyError, Rights, contains
 from chat.protocol.topics import MAX_SEGMENTS
+from tests.test_topics import reference_match
 
 SPEC_EXAMPLE = """\
 [groups]
@@ -55,16 +56,6 @@ admin = false
 
 def split(name: str) -> tuple[str, ...]:
     return tuple(name.split("."))
-
-
-def reference_match(pattern: tuple[str, ...], topic: tuple[str, ...]) -> bool:
-    """The matching rule written the obvious (exponential) way."""
-    if not pattern:
-        return not topic
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(reference_match(rest, topic[i:]) for i in range(len(topic) + 1))
-    return bool(topic) and head in ("*", topic[0]) and reference_match(rest, topic[1:])
 
 
 # ---------------------------------------------------------------- rights

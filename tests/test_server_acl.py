@@ -21,24 +21,9 @@ from chat.protocol.policy import DEFAULT_POLICY
 from tests.below_tls import BelowTls
 from tests.conftest import RunningServer, StompPeer, TestPki, http_request
 from tests.test_server_cli import one_line_error, run
+from tests.test_server_rooms import POLICY
 from tests.test_server_sessions import closed_with
 
-POLICY = """\
-[groups]
-ops = ["carol"]
-
-[[rule]]
-who = ["alice", "bob"]
-subscribe = ["lobby", "dev.#", "team.{sub}.#"]
-publish = ["lobby", "dev.#"]
-message = ["*"]
-
-[[rule]]
-who = ["@ops"]
-subscribe = ["#"]
-publish = ["ops.#"]
-admin = true
-"""
 POLL = 0.5  # the server's file poll in these tests (revocation_poll)
 
 
