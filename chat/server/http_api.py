@@ -10,6 +10,7 @@ meanwhile. JWKS is served from the signing keys in memory.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from chat.protocol.policy import Policy
 from chat.protocol.tokens import TokenAuthority
 from chat.protocol.wire import BEARER_PREFIX, STOMP_SUBPROTOCOL, WS_PATH
 from chat.server.config import ServerConfig
+from chat.server.ratelimit import RateLimiter
 from chat.server.storage import Lane
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
@@ -61,6 +63,20 @@ class Response:
 class BadRequest(HttpRefusal):
     status = 400
     code = "invalid_request"
+
+
+class RateLimited(HttpRefusal):
+    """Token requests beyond the identity's rate (PROTOCOL.md §12); `Retry-After` in seconds."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(self.retry_after))]
 
 
 class NotFound(HttpRefusal):
@@ -114,6 +130,7 @@ class HttpApi:
         self._config = config
         self._policy = policy
         self._clock = clock
+        self._token_requests = RateLimiter(config.token_rate, config.token_burst)
         self._routes: dict[str, dict[str, Handler]] = {
             WS_PATH: {"GET": self._upgrade_required},
             "/auth/token": {"POST": self._token},
@@ -157,6 +174,7 @@ class HttpApi:
 
     async def _token(self, request: Request, peer: Peer) -> Response:
         now = self._clock()
+        self._limit_token_requests(peer, now)
         # Refuses a revoked identity (identity_revoked) inside the same transaction.
         refresh = await self._state_lane.run(
             self._state.issue_refresh, peer.identity, peer.x5t, now, self._config.refresh_lifetime
@@ -165,6 +183,7 @@ class HttpApi:
 
     async def _refresh(self, request: Request, peer: Peer) -> Response:
         now = self._clock()
+        self._limit_token_requests(peer, now)
         presented = _refresh_token_of(request)
         refresh = await self._state_lane.run(
             self._state.rotate_refresh,
@@ -175,6 +194,17 @@ class HttpApi:
             self._config.refresh_lifetime,
         )
         return self._grant(peer, refresh, now)
+
+    def _limit_token_requests(self, peer: Peer, now: float) -> None:
+        """One bucket per identity for both token routes: each call may sign and write."""
+        wait = self._token_requests.take(peer.identity, now)
+        if wait:
+            limiter = self._token_requests
+            raise RateLimited(
+                f"token requests are limited to {limiter.rate:g} per second and identity "
+                f"(bursts of {limiter.burst:g}); try again in {wait:.1f} s",
+                max(1, math.ceil(wait)),
+            )
 
     def _grant(self, peer: Peer, refresh: str, now: float) -> Response:
         access, claims = self._authority.issue(peer.identity, peer.x5t, now)
@@ -188,12 +218,57 @@ class HttpApi:
         return json_response(200, grant, (("Cache-Control", "no-store"), ("Pragma", "no-cache")))
 
 
+REFRESH_BODY = '{"refresh_token": "..."}'  # the one body POST /auth/refresh takes (§7)
+
+
 def _refresh_token_of(request: Request) -> str:
-    try:
-        payload = json.loads(request.body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest('body must be JSON: {"refresh_token": "..."}') from exc
-    token = payload.get("refresh_token") if isinstance(payload, dict) else None
-    if not isinstance(token, str) or not token:
-        raise BadRequest("body must be JSON with a string field refresh_token")
+    """The token of a body that is exactly `{"refresh_token": "<string>"}`; anything else is
+    a `BadRequest` saying what is wrong (never a traceback, whatever the bytes)."""
+    payload = _json_of(request.body)
+    if not isinstance(payload, dict):
+        raise BadRequest(f"body must be a JSON object {REFRESH_BODY}, not {_json_kind(payload)}")
+    unknown = ", ".join(repr(name) for name in sorted(set(payload) - {"refresh_token"}))
+    if unknown:
+        raise BadRequest(f"body has unknown fields {unknown}: send {REFRESH_BODY}")
+    if "refresh_token" not in payload:
+        raise BadRequest(f"body has no refresh_token: send {REFRESH_BODY}")
+    token = payload["refresh_token"]
+    if not isinstance(token, str) or isinstance(token, _Number):
+        raise BadRequest(f"refresh_token must be a string, not {_json_kind(token)}")
+    if not token:
+        raise BadRequest("refresh_token is empty")
     return token
+
+
+def _json_of(body: bytes) -> object:
+    """`body` parsed as JSON. Numbers stay text: a 5,000-digit one would trip Python's
+    int-string limit, and no accepted body holds a number anyway."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise BadRequest(f"body must be UTF-8 JSON: {REFRESH_BODY}") from None
+    try:
+        return json.loads(text, parse_int=_Number, parse_float=_Number, parse_constant=_Number)
+    except RecursionError:  # the C scanner's guard against deep nesting: [[[[...]]]]
+        raise BadRequest(f"body is nested too deeply: send {REFRESH_BODY}") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"body is not JSON ({exc}): send {REFRESH_BODY}") from None
+
+
+class _Number(str):
+    """A JSON number (or NaN, Infinity) kept as its text."""
+
+
+_JSON_KINDS: tuple[tuple[type, str], ...] = (
+    (_Number, "a number"),  # before str: a _Number is one
+    (str, "a string"),
+    (bool, "a boolean"),
+    (dict, "an object"),
+    (list, "an array"),
+    (type(None), "null"),
+)
+
+
+def _json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words, for a refusal's detail."""
+    return next(name for kind, name in _JSON_KINDS if isinstance(value, kind))

@@ -1,0 +1,240 @@
+"""Issue 11, the token, state and operator part: every bad input answered with its code,
+every resource bounded. HttpApi and StateStore as plain values (state in tmp_path, storage
+calls on the event loop through `InlineLane`, time injected: no real sleeps); the CLI
+in-process through `chat.server.cli.main`, a subprocess only where the process matters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from chat.protocol.policy import DEFAULT_POLICY, Policy
+from chat.protocol.tokens import TokenAuthority, TokenPolicy
+from chat.server.config import ServerConfig
+from chat.server.http_api import HttpApi, Peer, Request, Response
+from chat.server.ratelimit import RateLimiter
+from chat.store.keys import KeyStore
+from chat.store.state import StateStore
+from tests.below_tls import InlineLane
+
+NOW = 1_800_000_000.0
+LIFETIME = 60
+ALICE = Peer("alice", "alice-x5t")
+BOB = Peer("bob", "bob-x5t")
+
+
+@dataclass
+class Server:
+    authority: TokenAuthority
+    state: StateStore
+    api: HttpApi
+    now: float = NOW
+
+    async def post(self, path: str, peer: Peer = ALICE, body: bytes = b"") -> Response:
+        return await self.api.handle(Request("POST", path, (), body), peer)
+
+    async def login(self, peer: Peer = ALICE) -> str:
+        """POST /auth/token; the refresh token."""
+        grant = answer(await self.post("/auth/token", peer))
+        assert isinstance(grant["refresh_token"], str)
+        return grant["refresh_token"]
+
+    async def refresh(self, token: str, peer: Peer = ALICE) -> Response:
+        return await self.post("/auth/refresh", peer, json.dumps({"refresh_token": token}).encode())
+
+
+def make_server(
+    tmp_path: Path, token_rate: float = 1.0, token_burst: int = 10, max_refresh_families: int = 16
+) -> Server:
+    keys = KeyStore.open(tmp_path / "keys")
+    authority = TokenAuthority(keys, TokenPolicy(lifetime=LIFETIME, leeway=0))
+    state = StateStore.open(tmp_path / "state.db")
+    policy = Policy.parse(DEFAULT_POLICY, "acl.toml")
+    holder: list[Server] = []
+    api = HttpApi(
+        authority,
+        keys,
+        state,
+        InlineLane(),
+        ServerConfig(
+            refresh_lifetime=3600,
+            token_rate=token_rate,
+            token_burst=token_burst,
+            max_refresh_families=max_refresh_families,
+        ),
+        lambda: policy,
+        lambda: holder[0].now,
+    )
+    holder.append(Server(authority, state, api))
+    return holder[0]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    made = make_server(tmp_path)
+    yield made
+    made.state.close()
+
+
+def answer(response: Response) -> dict[str, object]:
+    assert dict(response.headers)["Content-Type"] == "application/json"
+    body = json.loads(response.body)
+    assert isinstance(body, dict)
+    return body
+
+
+def refusal(response: Response) -> tuple[int, object, object]:
+    body = answer(response)
+    return response.status, body["error"], body["detail"]
+
+
+# ---------------------------------------------------------------- 1. bad bodies: 400, a reason
+
+REFRESH = '{"refresh_token": "..."}'
+NOT_A_STRING = "refresh_token must be a string, not"
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"[" * 8000 + b"]" * 8000, f"body is nested too deeply: send {REFRESH}"),
+        (b'{"a":' * 8000 + b"1" + b"}" * 8000, f"body is nested too deeply: send {REFRESH}"),
+        (b"1" * 5000, f"body must be a JSON object {REFRESH}, not a number"),
+        (b'{"refresh_token": ' + b"9" * 5000 + b"}", f"{NOT_A_STRING} a number"),
+        (b'{"refresh_token": 1e999999}', f"{NOT_A_STRING} a number"),
+        (b'{"refresh_token": NaN}', f"{NOT_A_STRING} a number"),
+        (b"\xff\xfe", f"body must be UTF-8 JSON: {REFRESH}"),
+        (b"", f"body is not JSON (Expecting value: line 1 column 1 (char 0)): send {REFRESH}"),
+        (b'"abc"', f"body must be a JSON object {REFRESH}, not a string"),
+        (b"[]", f"body must be a JSON object {REFRESH}, not an array"),
+        (b"null", f"body must be a JSON object {REFRESH}, not null"),
+        (b"{}", f"body has no refresh_token: send {REFRESH}"),
+        (b'{"refresh_token": "t", "x": 1}', f"body has unknown fields 'x': send {REFRESH}"),
+        (b'{"refresh_token": true}', f"{NOT_A_STRING} a boolean"),
+        (b'{"refresh_token": {}}', f"{NOT_A_STRING} an object"),
+        (b'{"refresh_token": null}', f"{NOT_A_STRING} null"),
+        (b'{"refresh_token": ""}', "refresh_token is empty"),
+    ],
+)
+async def test_a_body_that_is_not_one_refresh_token_is_400(
+    server: Server, body: bytes, detail: str
+) -> None:
+    response = await server.post("/auth/refresh", body=body)
+    assert refusal(response) == (400, "invalid_request", detail)
+
+
+@pytest.mark.parametrize("token", ["\ud800", "é" * 10, "x" * 100_000])
+async def test_a_refresh_token_that_cannot_be_ours_is_unknown(server: Server, token: str) -> None:
+    body = json.dumps({"refresh_token": token}).encode()
+    response = await server.post("/auth/refresh", body=body)
+    assert refusal(response) == (401, "invalid_refresh", "unknown refresh token")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/auth/refresh", 405, "method_not_allowed"),
+        ("BREW", "/auth/token", 405, "method_not_allowed"),
+        ("POST", "/.well-known/jwks.json", 405, "method_not_allowed"),
+        ("GET", "/auth/" + "x" * 10_000, 404, "not_found"),
+        ("GET", "/\x00\r\n", 404, "not_found"),
+    ],
+)
+async def test_every_route_answers_odd_requests_with_json(
+    server: Server, method: str, path: str, status: int, code: str
+) -> None:
+    headers = (("content-type", "text/plain"), ("x", "\x00" * 100))
+    response = await server.api.handle(Request(method, path, headers, b"\xff" * 100), ALICE)
+    assert refusal(response)[:2] == (status, code)
+
+
+async def test_the_token_route_ignores_its_body(server: Server) -> None:
+    response = await server.post("/auth/token", body=b"[" * 8000)
+    assert response.status == 200
+
+
+# ---------------------------------------------------------------- 2. token requests: 429
+
+
+def test_a_bucket_allows_a_burst_then_the_rate() -> None:
+    limiter = RateLimiter(rate=2.0, burst=3)
+    assert [limiter.take("alice", NOW) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("alice", NOW) == 0.5  # one token every 0.5 s
+    assert limiter.take("alice", NOW + 0.25) == 0.25  # a refused take takes nothing
+    assert limiter.take("alice", NOW + 0.5) == 0.0
+    assert limiter.take("alice", NOW + 0.5) == 0.5
+    assert limiter.take("bob", NOW + 0.5) == 0.0  # one bucket per key
+
+
+def test_a_bucket_refills_to_its_burst_and_no_further() -> None:
+    limiter = RateLimiter(rate=1.0, burst=2)
+    limiter.take("alice", NOW)
+    limiter.take("alice", NOW)
+    later = NOW + 1000
+    assert [limiter.take("alice", later) for _ in range(3)] == [0.0, 0.0, 1.0]
+
+
+def test_a_clock_stepping_back_refills_nothing() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1)
+    assert limiter.take("alice", NOW) == 0.0
+    assert limiter.take("alice", NOW - 100) == 1.0
+
+
+def test_idle_buckets_are_forgotten_once_full_again() -> None:
+    limiter = RateLimiter(rate=1.0, burst=10)  # any bucket is full after 10 idle seconds
+    for n in range(1000):
+        limiter.take(f"user{n}", NOW + n / 1000)
+    assert len(limiter) == 1000
+    limiter.take("alice", NOW + 10.5)
+    assert len(limiter) == 500  # those last used by NOW + 0.5 are full again: gone
+    limiter.take("alice", NOW + 20)
+    assert len(limiter) == 1
+
+
+def test_memory_is_bounded_by_the_keys_used_within_burst_over_rate() -> None:
+    limiter = RateLimiter(rate=1.0, burst=2)
+    for n in range(100_000):
+        limiter.take(f"user{n}", NOW + n)  # one new identity a second
+    assert len(limiter) == 2
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0.0, 1), (-1.0, 1), (1.0, 0)])
+def test_a_limit_that_cannot_work_is_refused(rate: float, burst: float) -> None:
+    with pytest.raises(ValueError, match="rate > 0 and burst >= 1"):
+        RateLimiter(rate, burst)
+
+
+async def test_token_requests_beyond_the_burst_get_429_with_retry_after(tmp_path: Path) -> None:
+    server = make_server(tmp_path, token_rate=0.25, token_burst=2)
+    refresh = await server.login()
+    assert (await server.refresh(refresh)).status == 200  # the burst: both routes, one bucket
+    for path in ("/auth/token", "/auth/refresh"):
+        response = await server.post(path, body=b"[" * 8000)  # counted before the body is read
+        assert refusal(response) == (
+            429,
+            "rate_limited",
+            "token requests are limited to 0.25 per second and identity (bursts of 2); "
+            "try again in 4.0 s",
+        )
+        assert ("Retry-After", "4") in response.headers
+    assert (await server.post("/auth/token", BOB)).status == 200  # bob has his own bucket
+    server.now = NOW + 3.5
+    response = await server.post("/auth/token")
+    assert refusal(response)[:2] == (429, "rate_limited")
+    assert ("Retry-After", "1") in response.headers  # 0.5 s rounds up to 1, never 0
+    server.now = NOW + 4
+    assert (await server.post("/auth/token")).status == 200
+    server.state.close()
+
+
+async def test_retry_after_is_whole_seconds_rounded_up(tmp_path: Path) -> None:
+    server = make_server(tmp_path, token_rate=0.3, token_burst=1)
+    assert (await server.post("/auth/token")).status == 200
+    response = await server.post("/auth/token")
+    assert ("Retry-After", "4") in response.headers  # 3.33 s
+    assert "try again in 3.3 s" in str(answer(response)["detail"])
+    server.state.close()
