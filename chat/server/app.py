@@ -4,9 +4,12 @@ How this works: the accept loop and the connection handlers live in separate nur
 Each handler does the TLS handshake, then hands the stream and the `Peer` it established to
 `serve_stream`, which reads the request head (under the same timeout as the handshake) and
 either answers a plain HTTP route or upgrades to a `Connection`; `serve_stream` takes any
-`trio.abc.Stream`, so the layers above TLS also run over a memory stream. A failure in one
-handler ends only that connection. The wall clock (token issue and expiry, timestamps,
-retention) is the `clock` the server is given. Shutdown stops accepting, asks every
+`trio.abc.Stream`, so the layers above TLS also run over a memory stream. Every connection
+is counted by `Admission` from its arrival: until its request head is read it is an
+unfinished handshake that a newcomer may shed (admission.py), so idle sockets held against
+the port never keep healthy clients out. A failure in one handler ends only that
+connection. The wall clock (token issue and expiry, timestamps, retention) is the `clock`
+the server is given. Shutdown stops accepting, asks every
 connection to close with 1001, and cancels what is left after the grace period. Storage
 is opened once, before serving; from then on it is called only through the stores' lanes
 (`storage.py`), and the upgrade and every live session check revocations against the state
@@ -22,6 +25,7 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeAlias
 
 import h11
@@ -38,15 +42,17 @@ from chat.protocol.stomp import FrameParser, Limits
 from chat.protocol.tokens import Claims, TokenAuthority, TokenPolicy, TrustedIssuer
 from chat.protocol.wire import WS_PATH
 from chat.server.acl import PolicyFile
+from chat.server.admission import Admission, fit_file_limit
 from chat.server.broker import Broker
 from chat.server.config import ServerConfig
 from chat.server.connection import Connection, Ending, Outbox
 from chat.server.durability import Durability
 from chat.server.http_api import BadRequest, HttpApi, Peer, Request, Response, refusal_response
 from chat.server.presence import Presence
+from chat.server.refusals import LogRate, refusal_reason
 from chat.server.session import SessionLimits, Shared, StompSession
 from chat.server.storage import Lane, StorageUnavailable
-from chat.server.upgrade import BadHandshake, authorize, is_upgrade
+from chat.server.upgrade import BadHandshake, IdentitySlots, Upgrade, authorize, is_upgrade
 from chat.store.history import Retention
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
@@ -58,11 +64,19 @@ TlsStream: TypeAlias = trio.SSLStream[trio.SocketStream]  # what the accept loop
 MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a bearer token fits easily
 MAX_REQUEST_BODY = 16 * 1024  # token endpoints take tiny JSON bodies
 PRUNE_INTERVAL = 60.0  # how often retired signing keys and dead refresh tokens are swept
+# Refused TLS handshakes: this many lines per window, then one summary line per window
+REFUSAL_LINES = 10
+REFUSAL_WINDOW = 1.0
 
 
 class BodyTooLarge(HttpRefusal):
     status = 413
     code = "body_too_large"
+
+
+class RequestHeadTooLarge(HttpRefusal):
+    status = 431  # RFC 6585: Request Header Fields Too Large
+    code = "request_head_too_large"
 
 
 class TlsContexts:
@@ -152,6 +166,12 @@ class ChatServer:
             clock,
         )
         self.connections: set[Connection] = set()
+        # Every accepted socket, by the cancel scope of its handler (admission.py).
+        self.admission: Admission[trio.CancelScope] = Admission(
+            fit_file_limit(config.max_connections), config.max_handshakes
+        )
+        self.identities = IdentitySlots(config.max_connections_per_identity)
+        self._refusals = LogRate(REFUSAL_LINES, REFUSAL_WINDOW)
         self._stop = trio.Event()
         self._shared = Shared(
             self.broker,
@@ -213,6 +233,7 @@ class ChatServer:
                     background.start_soon(self._watch_policy)
                     background.start_soon(self.durability.run)
                     background.start_soon(self._prune)
+                    background.start_soon(self._summarize_refusals)
                     background.start_soon(accept, handlers)
                     await self._stop.wait()
                     background.cancel_scope.cancel()
@@ -293,34 +314,24 @@ class ChatServer:
                 log.warning("expired keys and tokens not pruned (%s); next time", exc.detail)
             await trio.sleep(PRUNE_INTERVAL)
 
+    async def _summarize_refusals(self) -> None:
+        """The refused handshakes the log rate held back, one line per window."""
+        while True:
+            await trio.sleep(REFUSAL_WINDOW)
+            held = self._refusals.held_back()
+            if held:
+                log.info("%d more refused handshakes in the last %g s", held, REFUSAL_WINDOW)
+
+    def _refused(self, raw: trio.SocketStream, reason: object) -> None:
+        if self._refusals.allow(trio.current_time()):
+            log.info("refused %s: %s", _address(raw), reason)
+
     def _is_revoked(self, claims: Claims) -> bool:
         """From the revocation snapshot: the event loop never reads the database."""
         return self.state.revocations.is_revoked(claims)
 
     async def _handle(self, raw: trio.SocketStream) -> None:
-        """The one boundary where a bug in handling one connection stops at that connection."""
-        try:
-            await self._serve_tls(raw)
-        except Exception:
-            log.exception("internal error on a connection; it was closed")
-            await trio.aclose_forcefully(raw)
-
-    async def _serve_tls(self, raw: trio.SocketStream) -> None:
-        stream = trio.SSLStream(raw, self.tls.current(), server_side=True, https_compatible=True)
-        deadline = trio.current_time() + self.config.handshake_timeout
-        try:
-            with trio.fail_at(deadline):
-                await stream.do_handshake()
-                peer = _peer_of(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-            log.debug("handshake failed: %r", exc)
-            await trio.aclose_forcefully(stream)
-            return
-        except pki.PkiError as exc:  # no HTTP byte is read from a peer without an identity
-            log.warning("refused %s: %s", _address(raw), exc)
-            await trio.aclose_forcefully(stream)
-            return
-        await self._serve_stream(stream, peer, deadline)
+        await self._admitted(raw, partial(self._serve_tls, raw))
 
     async def serve_stream(
         self, stream: trio.abc.Stream, peer: Peer, head_deadline: float | None = None
@@ -329,28 +340,69 @@ class ChatServer:
         `head_deadline`, default the handshake timeout from now), route, upgrade, run the
         connection. `peer` is who the handshake established. An internal error ends only
         this connection: it is logged, not raised."""
+        await self._admitted(stream, partial(self._serve_stream, stream, peer, head_deadline))
+
+    async def _admitted(
+        self, stream: trio.abc.Stream, serve: Callable[[trio.CancelScope], Awaitable[None]]
+    ) -> None:
+        """Serve one connection within the admission bounds: refused when every slot is
+        an established connection; cancelled if shed while its handshake is unfinished.
+        The one boundary where a bug in handling one connection stops at that connection."""
+        with trio.CancelScope() as ticket:
+            arrival = self.admission.arrive(ticket)
+            for shed in arrival.shed:
+                shed.cancel()
+            if not arrival.admitted:
+                log.debug("connection refused: %d connections", self.admission.connections)
+                await trio.aclose_forcefully(stream)
+                return
+            try:
+                await serve(ticket)
+            except Exception:
+                log.exception("internal error on a connection; it was closed")
+            finally:
+                await trio.aclose_forcefully(stream)
+                self.admission.left(ticket)
+
+    async def _serve_tls(self, raw: trio.SocketStream, ticket: trio.CancelScope) -> None:
+        stream = trio.SSLStream(raw, self.tls.current(), server_side=True, https_compatible=True)
+        deadline = trio.current_time() + self.config.handshake_timeout
         try:
-            await self._serve_stream(stream, peer, head_deadline)
-        except Exception:
-            log.exception("internal error on a connection; it was closed")
-            await trio.aclose_forcefully(stream)
+            with trio.fail_at(deadline):
+                await stream.do_handshake()
+                peer = _peer_of(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            reason = refusal_reason(exc)
+            if reason is None:
+                log.debug("handshake failed: %r", exc)
+            else:
+                self._refused(raw, reason)
+            return
+        except pki.PkiError as exc:  # no HTTP byte is read from a peer without an identity
+            self._refused(raw, exc)
+            return
+        await self._serve_stream(stream, peer, deadline, ticket)
 
     async def _serve_stream(
-        self, stream: trio.abc.Stream, peer: Peer, head_deadline: float | None
+        self,
+        stream: trio.abc.Stream,
+        peer: Peer,
+        head_deadline: float | None,
+        ticket: trio.CancelScope,
     ) -> None:
         if head_deadline is None:
             head_deadline = trio.current_time() + self.config.handshake_timeout
-        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD + 1)
         try:
             with trio.fail_at(head_deadline):
                 request = await _read_request(stream, http)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             log.debug("no request head: %r", exc)
-            await trio.aclose_forcefully(stream)
             return
         except (h11.RemoteProtocolError, HttpRefusal) as exc:
             await _respond(stream, http, refusal_response(_as_refusal(exc)))
             return
+        self.admission.opened(ticket)
         if request.path == WS_PATH and is_upgrade(request):
             await self._upgrade(stream, http, request, peer)
         else:
@@ -367,6 +419,7 @@ class ChatServer:
                 request.path,
             )
             list(ws.events())
+            self.identities.take(peer.identity)  # last: nothing to give back if refused
         except WsProtocolError as exc:
             await _respond(stream, http, refusal_response(BadHandshake(str(exc))))
             return
@@ -374,6 +427,14 @@ class ChatServer:
             log.info("refused upgrade from %s: %s", peer.identity, refusal.code)
             await _respond(stream, http, refusal_response(refusal))
             return
+        try:
+            await self._run_connection(stream, ws, upgrade, peer, http.trailing_data[0])
+        finally:
+            self.identities.give_back(peer.identity)
+
+    async def _run_connection(
+        self, stream: trio.abc.Stream, ws: WSConnection, upgrade: Upgrade, peer: Peer, data: bytes
+    ) -> None:
         outbox = Outbox(self.config.outbound_buffer_bytes)
         session = StompSession(outbox, upgrade.claims, self._shared)
         connection = Connection(
@@ -389,7 +450,7 @@ class ChatServer:
         log.info("%s connected as %s (%s)", peer.identity, session.id, upgrade.subprotocol)
         self.connections.add(connection)
         try:
-            await connection.run(http.trailing_data[0])
+            await connection.run(data)
         finally:
             self.connections.discard(connection)
 
@@ -430,13 +491,24 @@ def _address(raw: trio.SocketStream) -> str:
 
 
 async def _read_request(stream: trio.abc.Stream, http: h11.Connection) -> Request:
+    """One request, its head read to exactly MAX_REQUEST_HEAD bytes: before the head is
+    complete no receive asks for more than the limit plus one byte (h11 checks its own bound
+    only between receives, so one large receive could carry twice the limit)."""
     head: h11.Request | None = None
     body = bytearray()
+    received = 0
     while True:
         event = http.next_event()
         if event is h11.NEED_DATA:
-            http.receive_data(bytes(await stream.receive_some(MAX_REQUEST_HEAD)))
+            if head is None and received > MAX_REQUEST_HEAD:
+                raise RequestHeadTooLarge(f"request heads are limited to {MAX_REQUEST_HEAD} bytes")
+            want = MAX_REQUEST_HEAD + 1 - received if head is None else MAX_REQUEST_BODY
+            data = bytes(await stream.receive_some(want))
+            received += len(data)
+            http.receive_data(data)
         elif isinstance(event, h11.Request):
+            if received - len(http.trailing_data[0]) > MAX_REQUEST_HEAD:
+                raise RequestHeadTooLarge(f"request heads are limited to {MAX_REQUEST_HEAD} bytes")
             head = event
         elif isinstance(event, h11.Data):
             body += event.data

@@ -7,6 +7,7 @@ only the chosen STOMP version.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,34 @@ class BadHandshake(HttpRefusal):
 
     status = 400
     code = "bad_handshake"
+
+
+class TooManyConnections(HttpRefusal):
+    """PROTOCOL.md §12: an identity holds `--max-connections-per-identity` already."""
+
+    status = 429
+    code = "too_many_connections"
+
+
+class IdentitySlots:
+    """WebSocket connections per identity, so one identity cannot take the whole server."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: Counter[str] = Counter()
+
+    def take(self, identity: str) -> None:
+        """Count one more connection of `identity`, or refuse it with TooManyConnections."""
+        if self._held[identity] >= self.limit:
+            raise TooManyConnections(
+                f"{identity} already holds {self.limit} connections; close one first"
+            )
+        self._held[identity] += 1
+
+    def give_back(self, identity: str) -> None:
+        self._held[identity] -= 1
+        if not self._held[identity]:
+            del self._held[identity]
 
 
 @dataclass(frozen=True, slots=True)
