@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import trio
 from wsproto import WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection as Framing
+from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from chat.protocol import events
@@ -103,6 +104,7 @@ class Ending:
     error: StompProtocolError | None = None
     receipt_id: str | None = None
     peer_close: CloseConnection | None = None
+    broken_framing: bool = False  # the peer broke RFC 6455: its bytes so far are unusable
 
 
 class Connection:
@@ -191,13 +193,22 @@ class Connection:
                 self._outbox.push(self._ws.send(event.response()))
                 done = False
             elif isinstance(event, CloseConnection):
-                self.end(Ending(event.code, "peer closed", peer_close=event))
+                self.end(self._closed_by_peer(event))
                 done = True
             else:
                 done = False
             if done:
                 return True
         return False
+
+    def _closed_by_peer(self, event: CloseConnection) -> Ending:
+        if self._ws.state is ConnectionState.OPEN:
+            # No close frame came: wsproto reports the peer's protocol error (bad opcode,
+            # unmasked frame, bad UTF-8...) as a close event, with the code and reason to send.
+            return Ending(
+                event.code, event.reason or "websocket protocol error", broken_framing=True
+            )
+        return Ending(event.code, "peer closed", peer_close=event)
 
     def _feed(self, data: bytes) -> bool:
         """Act on every frame `data` completes; True once the connection is ending."""
@@ -294,7 +305,9 @@ class Connection:
             try:
                 await self._stream.send_all(data)
                 if self._ws.state is ConnectionState.LOCAL_CLOSING:
-                    await self._await_peer_close()
+                    # wsproto's parser stays stuck on bad framing: read the answer with a new one
+                    ws = Framing(ConnectionType.SERVER) if ending.broken_framing else self._ws
+                    await self._await_peer_close(ws)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await trio.aclose_forcefully(self._stream)
@@ -306,14 +319,12 @@ class Connection:
             ending.reason,
         )
 
-    async def _await_peer_close(self) -> None:
-        while self._ws.state is not ConnectionState.CLOSED:
-            data = bytes(await self._stream.receive_some(RECEIVE_BYTES))
-            if not data:
+    async def _await_peer_close(self, ws: WSConnection | Framing) -> None:
+        """Read until the peer answers our close (or breaks the framing again), or leaves."""
+        while data := bytes(await self._stream.receive_some(RECEIVE_BYTES)):
+            ws.receive_data(data)
+            if any(isinstance(event, CloseConnection) for event in ws.events()):
                 return
-            self._ws.receive_data(data)
-            for _ in self._ws.events():
-                pass
 
 
 def _error_frame(ending: Ending) -> Frame:
