@@ -1,0 +1,347 @@
+"""Fuzzing the HTTP side under hypothesis: the upgrade decision and the request-head reading.
+
+`authorize` and `is_upgrade` (chat/server/upgrade.py) are pure: for any request and any token
+(valid, mutated, forged, garbage) they return an `Upgrade` naming only a STOMP version, or
+raise an `HttpRefusal`. `ChatServer.serve_stream` is driven below TLS (tests/below_tls.py,
+memory streams on the mock clock) with mutated request heads and bodies: every connection gets
+an HTTP response, a JSON refusal or a route's own answer, or is closed at the head deadline
+when its head never completes; the log never shows a traceback. Settings and `FUZZ_EXAMPLES`:
+see tests/test_fuzz_stomp.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from chat.protocol.errors import HttpRefusal
+from chat.protocol.tokens import TokenAuthority
+from chat.protocol.wire import STOMP_SUBPROTOCOLS
+from chat.server.app import MAX_REQUEST_BODY
+from chat.server.http_api import Peer, Request
+from chat.server.upgrade import Upgrade, authorize, is_upgrade, offered_subprotocols
+from tests.below_tls import BelowTls, start_below_tls
+from tests.conftest import TestPki
+from tests.test_fuzz_stomp import fuzz, mutated
+
+NOW = 1_800_000_000.0
+PEER = Peer("alice", "x5t-of-alice")
+
+# ---------------------------------------------------------------- tokens
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _forged(header: object, claims: object, signature: bytes = b"sig") -> str:
+    """A JWT-shaped string with any header and claims: alg none, unknown kid, odd types."""
+    return ".".join(
+        [_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()), _b64(signature)]
+    )
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+FORGED = st.builds(
+    _forged,
+    st.one_of(
+        st.fixed_dictionaries(
+            {"alg": st.sampled_from(["none", "HS256", "ES256", "RS256", "", "ES512"])},
+            optional={"kid": st.one_of(st.text(max_size=10), JSON_VALUES), "typ": JSON_VALUES},
+        ),
+        JSON_VALUES,
+    ),
+    st.one_of(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "sub": st.one_of(st.just("alice"), JSON_VALUES),
+                "exp": st.one_of(st.integers(), st.floats(), JSON_VALUES),
+                "nbf": JSON_VALUES,
+                "iat": JSON_VALUES,
+                "aud": st.one_of(st.just("chat"), JSON_VALUES),
+                "iss": st.one_of(st.just("chat"), JSON_VALUES),
+                "jti": JSON_VALUES,
+                "cnf": st.one_of(st.fixed_dictionaries({"x5t#S256": JSON_VALUES}), JSON_VALUES),
+            },
+        ),
+        JSON_VALUES,
+    ),
+    st.binary(max_size=80),
+)
+
+
+@st.composite
+def tokens(draw: st.DrawFn, valid: str) -> str:
+    """A real token, one cut or flipped, a forged one, or any text."""
+    choice = draw(st.sampled_from(["valid", "valid", "mutated", "forged", "text", "segments"]))
+    if choice == "valid":
+        return valid
+    if choice == "mutated":
+        raw = draw(mutated(st.just(valid.encode())))
+        return raw.decode("latin-1")
+    if choice == "forged":
+        return draw(FORGED)
+    if choice == "segments":
+        return ".".join(draw(st.lists(st.text("AZaz09-_=+/", max_size=30), max_size=5)))
+    return draw(st.text(max_size=60))
+
+
+@st.composite
+def upgrade_requests(draw: st.DrawFn, token: str) -> Request:
+    odd = ["v13.stomp", "stomp", "", " ", "bearer.", "V12.STOMP"]
+    entries = draw(
+        st.lists(st.sampled_from([*STOMP_SUBPROTOCOLS, *STOMP_SUBPROTOCOLS, *odd]), max_size=2)
+    )
+    entries += draw(st.lists(tokens(token).map(lambda t: "bearer." + t), min_size=1, max_size=2))
+    entries += draw(st.lists(st.text(max_size=20), max_size=1))
+    entries = draw(st.permutations(entries))
+    separator = draw(st.sampled_from([", ", ",", " , ", ";"]))
+    headers = [("sec-websocket-protocol", separator.join(entries))]
+    if draw(st.booleans()):  # the header repeated: RFC 9110 joins the values
+        headers.append(("sec-websocket-protocol", draw(st.text(max_size=30))))
+    headers += draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["upgrade", "connection", "host", "sec-websocket-key", "x"]),
+                st.text(max_size=30),
+            ),
+            max_size=4,
+        )
+    )
+    method = draw(st.sampled_from(["GET", "POST", "get", "HEAD", ""]))
+    return Request(method, draw(st.sampled_from(["/ws", "/", "/ws/", ""])), tuple(headers), b"")
+
+
+@pytest.fixture(scope="module")
+def valid_token(authority: TokenAuthority) -> str:
+    return authority.issue(PEER.identity, PEER.x5t, NOW)[0]
+
+
+@fuzz(150)
+@given(data=st.data(), revoked=st.booleans(), skew=st.sampled_from([0.0, 0.0, 10_000.0, -10_000.0]))
+def test_authorize_answers_every_request(
+    authority: TokenAuthority, valid_token: str, data: st.DataObject, revoked: bool, skew: float
+) -> None:
+    """An Upgrade with only a STOMP version, or an HttpRefusal; nothing else, ever."""
+    request = data.draw(upgrade_requests(valid_token))
+    assert isinstance(is_upgrade(request), bool)
+    offered = offered_subprotocols(request)
+    try:
+        upgrade = authorize(request, PEER, authority, lambda claims: revoked, NOW + skew)
+    except HttpRefusal as refusal:
+        event(f"refused {refusal.code}")
+        assert 400 <= refusal.status < 500
+        assert refusal.code and isinstance(refusal.detail, str)
+        return
+    event("upgraded")
+    assert isinstance(upgrade, Upgrade)
+    assert upgrade.subprotocol in STOMP_SUBPROTOCOLS and upgrade.subprotocol in offered
+    assert not revoked and upgrade.claims.sub == PEER.identity
+    assert [entry for entry in offered if entry.startswith("bearer.")] == ["bearer." + valid_token]
+
+
+# ---------------------------------------------------------------- request heads below TLS
+
+HEAD_DEADLINE = 10.0  # handshake_timeout: the request head must arrive by then
+ROUTES = [
+    ("GET", "/healthz"),
+    ("GET", "/.well-known/jwks.json"),
+    ("GET", "/auth/me"),
+    ("POST", "/auth/token"),
+    ("POST", "/auth/refresh"),
+    ("GET", "/ws"),
+    ("GET", "/nowhere"),
+    ("DELETE", "/healthz"),
+]
+HEADER_NAMES = [
+    "Host", "Content-Length", "Transfer-Encoding", "Upgrade", "Connection", "Expect",
+    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol", "Content-Type",
+]  # fmt: skip
+HEADER_VALUES = [
+    "websocket", "Upgrade", "chunked", "gzip, chunked", "100-continue", "13", "0", "-1",
+    "99999999999999999999", "1, 2", "dGhlIHNhbXBsZSBub25jZQ==", "v12.stomp, bearer.x",
+    "application/json", "close", "", " ", "\t", "é", "a" * 200,
+]  # fmt: skip
+BODIES = st.one_of(
+    st.just(b""),
+    st.binary(max_size=60),
+    st.builds(lambda v: json.dumps({"refresh_token": v}).encode(), JSON_VALUES),
+    st.builds(lambda v: json.dumps(v).encode(), JSON_VALUES),
+    st.integers(MAX_REQUEST_BODY - 2, MAX_REQUEST_BODY + 2).map(lambda n: b"x" * n),
+    st.integers(1, 9000).map(lambda n: b"[" * n),  # deep nesting: RecursionError in json
+    st.integers(1, 9000).map(lambda n: b'{"refresh_token": ' + b"7" * n + b"}"),  # int limit
+)
+
+
+@st.composite
+def request_heads(draw: st.DrawFn) -> bytes:
+    """An HTTP/1.x request, hand-written (so it may be wrong), then mutated."""
+    method, path = draw(st.sampled_from(ROUTES))
+    method = draw(st.one_of(st.just(method), st.sampled_from(["GET", "PUT", "G ET", "\x00"])))
+    target = draw(
+        st.one_of(
+            st.just(path),
+            st.just(path + "?a=b"),
+            st.sampled_from(["*", "http://x/healthz", "/%00", "/\xff", "//ws", ""]),
+        )
+    )
+    version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2", "HTTP/1.1 x"]))
+    body = draw(BODIES)
+    headers = [("Host", "chat.test")] if draw(st.integers(0, 4)) else []
+    if draw(st.integers(0, 4)):
+        headers.append(("Content-Length", str(len(body))))
+    headers += draw(
+        st.lists(
+            st.tuples(
+                st.one_of(st.sampled_from(HEADER_NAMES), st.text(max_size=10)),
+                st.one_of(st.sampled_from(HEADER_VALUES), st.text(max_size=20)),
+            ),
+            max_size=3,
+        )
+    )
+    eol = draw(st.sampled_from(["\r\n", "\r\n", "\n"]))
+    lines = [f"{method} {target} {version}", *(f"{k}: {v}" for k, v in headers)]
+    head = (eol.join(lines) + eol + eol).encode("utf-8", "surrogatepass")
+    return draw(st.one_of(st.just(head + body), mutated(st.just(head + body))))
+
+
+def no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    bad = [r for r in caplog.records if r.exc_info or "internal error" in r.getMessage()]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    answer = bytearray()
+    try:
+        while data := await stream.receive_some():
+            answer += data
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    return bytes(answer)
+
+
+def check_answer(answer: bytes) -> int:
+    """The server's bytes are one HTTP response; a refusal has the JSON shape. Its status."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(answer)
+    client.receive_data(b"")
+    response = client.next_event()
+    assert isinstance(response, h11.InformationalResponse | h11.Response), answer[:200]
+    if response.status_code == 101:  # upgraded: WebSocket bytes follow
+        return 101
+    body = bytearray()
+    while isinstance(event := client.next_event(), h11.Data):
+        body += event.data
+    assert isinstance(event, h11.EndOfMessage), event
+    headers = {k.lower(): v for k, v in response.headers}
+    if response.status_code >= 400 and response.status_code != 426:
+        assert headers[b"content-type"] == b"application/json", answer[:300]
+        refusal = json.loads(body)
+        assert set(refusal) == {"error", "detail"}, refusal
+    return response.status_code
+
+
+async def exchange(below: BelowTls, data: bytes, eof: bool) -> tuple[bytes, float]:
+    """Send `data` (then EOF, if asked); the server's whole answer and how long it took."""
+    stream = below.open_stream("alice")
+    start = trio.current_time()
+    with trio.fail_after(HEAD_DEADLINE + 60):  # never a hang: the head deadline bounds it
+        try:
+            await stream.send_all(data)
+            if eof:
+                await stream.send_eof()  # type: ignore[attr-defined]
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the server already answered and closed
+        answer = await read_all(stream)
+    await trio.aclose_forcefully(stream)
+    return answer, trio.current_time() - start
+
+
+@asynccontextmanager
+async def below_tls_server(
+    pki: TestPki, tmp_path: Path, **overrides: object
+) -> AsyncIterator[BelowTls]:
+    """A fresh server below TLS for one example (tests/below_tls.py), shut down after it.
+
+    Not the `start_below_tls` fixture: pytest-trio sets fixtures up once per test, and
+    hypothesis runs each example in a trio run of its own.
+    """
+    state = Path(tempfile.mkdtemp(dir=tmp_path))
+    async with trio.open_nursery() as nursery:
+        below = await start_below_tls(pki, state, nursery, **overrides)
+        try:
+            yield below
+        finally:
+            below.server.shutdown()
+
+
+@fuzz(30)
+@given(heads=st.lists(st.tuples(request_heads(), st.booleans()), min_size=1, max_size=8))
+async def test_every_request_head_is_answered(
+    pki: TestPki,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    heads: list[tuple[bytes, bool]],
+) -> None:
+    """An HTTP response, or a close at the head deadline for a head that never completed;
+    no traceback. The connections run concurrently against one server."""
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="chat")
+    results: list[tuple[bytes, float]] = []
+    async with below_tls_server(
+        pki, tmp_path, handshake_timeout=HEAD_DEADLINE, connect_timeout=5
+    ) as below:
+
+        async def one(data: bytes, eof: bool) -> None:
+            results.append(await exchange(below, data, eof))
+
+        async with trio.open_nursery() as nursery:
+            for data, eof in heads:
+                nursery.start_soon(one, data, eof)
+    for answer, took in results:
+        if answer:
+            event(f"status {check_answer(answer)}")
+        else:  # nothing answered: the head never completed; closed at the deadline at latest
+            assert took <= HEAD_DEADLINE + 5
+    no_traceback(caplog)
+
+
+@fuzz(15)
+@given(bodies=st.lists(BODIES, min_size=1, max_size=6))
+async def test_token_routes_refuse_any_body_in_json(
+    pki: TestPki,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    bodies: list[bytes],
+) -> None:
+    """POST /auth/refresh with any body: 400 (or 401 for an unknown token, 413 for a big
+    body), always the JSON refusal; never a traceback."""
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="chat")
+    async with below_tls_server(pki, tmp_path) as below:
+        for body in bodies:
+            reply = await below.http("alice", "POST", "/auth/refresh", body=body)
+            event(f"refresh {reply.status} {reply.json()['error']}")
+            assert reply.status in (400, 401, 413), reply
+            assert set(reply.json()) == {"error", "detail"}
+    no_traceback(caplog)
