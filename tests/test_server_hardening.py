@@ -13,12 +13,21 @@ from pathlib import Path
 import pytest
 
 from chat.protocol.policy import DEFAULT_POLICY, Policy
-from chat.protocol.tokens import TokenAuthority, TokenPolicy
+from chat.protocol.tokens import (
+    Claims,
+    InvalidRefresh,
+    RefreshExpired,
+    RefreshReused,
+    TokenAuthority,
+    TokenPolicy,
+    TokenRevoked,
+)
 from chat.server.config import ServerConfig
-from chat.server.http_api import HttpApi, Peer, Request, Response
+from chat.server.http_api import HttpApi, Peer, Request, Response, refusal_response
 from chat.server.ratelimit import RateLimiter
+from chat.server.upgrade import authorize
 from chat.store.keys import KeyStore
-from chat.store.state import StateStore
+from chat.store.state import MAX_SPENT_KEPT, StateStore
 from tests.below_tls import InlineLane
 
 NOW = 1_800_000_000.0
@@ -238,3 +247,185 @@ async def test_retry_after_is_whole_seconds_rounded_up(tmp_path: Path) -> None:
     assert ("Retry-After", "4") in response.headers  # 3.33 s
     assert "try again in 3.3 s" in str(answer(response)["detail"])
     server.state.close()
+
+
+# ---------------------------------------------------------------- 3. refresh families per identity
+
+REPLACED = (
+    "refresh token replaced by a newer login of the same identity (the server keeps a limited"
+    " number per identity); get a new one with POST /auth/token"
+)
+
+
+def family_rows(state: StateStore, sub: str) -> list[tuple[int, int]]:
+    """(revoked, tokens) of each family of `sub`, oldest first: what the database holds."""
+    return [
+        (revoked, tokens)
+        for _rowid, revoked, tokens in state._db.execute(
+            "SELECT f.rowid, f.revoked, (SELECT count(*) FROM refresh_tokens t"
+            " WHERE t.family = f.family) FROM refresh_families f WHERE f.sub = ? ORDER BY f.rowid",
+            (sub,),
+        )
+    ]
+
+
+async def test_a_login_beyond_the_limit_replaces_the_oldest_family(tmp_path: Path) -> None:
+    server = make_server(tmp_path, max_refresh_families=2)
+    first, second = await server.login(), await server.login()
+    bobs = await server.login(BOB)
+    third = await server.login()  # alice's third login: her first family goes
+    assert refusal(await server.refresh(first)) == (401, "refresh_expired", REPLACED)
+    for token in (second, third):
+        assert (await server.refresh(token)).status == 200
+    assert (await server.refresh(bobs, BOB)).status == 200  # per identity: bob keeps his
+    server.state.close()
+
+
+def test_the_oldest_families_are_replaced_first_and_dead_ones_forgotten(
+    tmp_path: Path,
+) -> None:
+    state = StateStore.open(tmp_path / "state.db")
+    tokens = [state.issue_refresh("alice", "x5t", NOW, 3600, max_families=3) for _ in range(3)]
+    assert family_rows(state, "alice") == [(0, 1)] * 3
+    for _ in range(5):
+        tokens.append(state.issue_refresh("alice", "x5t", NOW, 3600, max_families=3))
+    # 3 live and the 3 newest replaced ones are remembered; the 2 oldest are gone.
+    assert family_rows(state, "alice") == [(3, 1)] * 3 + [(0, 1)] * 3
+    for old in tokens[:2]:
+        with pytest.raises(InvalidRefresh, match="unknown refresh token"):
+            state.rotate_refresh(old, "alice", "x5t", NOW, 3600)
+    for replaced in tokens[2:5]:
+        with pytest.raises(RefreshExpired) as caught:
+            state.rotate_refresh(replaced, "alice", "x5t", NOW, 3600)
+        assert caught.value.detail == REPLACED
+    for live in tokens[5:]:
+        assert state.rotate_refresh(live, "alice", "x5t", NOW, 3600)
+    state.close()
+
+
+def test_a_replaced_token_past_its_expiry_says_expired(tmp_path: Path) -> None:
+    state = StateStore.open(tmp_path / "state.db")
+    old = state.issue_refresh("alice", "x5t", NOW, 60, max_families=1)
+    state.issue_refresh("alice", "x5t", NOW, 60, max_families=1)
+    with pytest.raises(RefreshExpired, match="^refresh token has expired$"):
+        state.rotate_refresh(old, "alice", "x5t", NOW + 60, 60)
+    state.close()
+
+
+def test_a_family_keeps_only_its_newest_spent_tokens(tmp_path: Path) -> None:
+    state = StateStore.open(tmp_path / "state.db")
+    chain = [state.issue_refresh("alice", "x5t", NOW, 3600, max_families=1)]
+    for _ in range(MAX_SPENT_KEPT + 10):
+        chain.append(state.rotate_refresh(chain[-1], "alice", "x5t", NOW, 3600))
+    assert family_rows(state, "alice") == [(0, MAX_SPENT_KEPT + 1)]  # the spent ones + the live
+    with pytest.raises(InvalidRefresh, match="unknown refresh token"):  # forgotten: refused
+        state.rotate_refresh(chain[0], "alice", "x5t", NOW, 3600)
+    with pytest.raises(RefreshReused):  # the replay that matters is still recognised
+        state.rotate_refresh(chain[-2], "alice", "x5t", NOW, 3600)
+    state.close()
+
+
+async def test_rows_per_identity_stay_bounded_however_often_it_logs_in(tmp_path: Path) -> None:
+    server = make_server(tmp_path, token_rate=1e9, token_burst=10**9, max_refresh_families=4)
+    for _ in range(200):
+        token = await server.login()
+        for _ in range(3):
+            token = answer(await server.refresh(token))["refresh_token"]  # type: ignore[assignment]
+    rows = family_rows(server.state, "alice")
+    assert len(rows) == 8  # 4 live + 4 remembered replaced
+    assert sum(tokens for _, tokens in rows) == 8 * 4
+    server.state.close()
+
+
+# ---------------------------------------------------------------- 4. revocation has a time
+
+
+def claims_issued(at: float, sub: str = "alice", jti: str = "j") -> Claims:
+    return Claims("chat", sub, int(at), int(at), int(at) + LIFETIME, jti, "alice-x5t")
+
+
+def test_unrevoke_does_not_bring_back_tokens_issued_before_the_revocation(
+    state: StateStore,
+) -> None:
+    before = claims_issued(NOW - 10)
+    state.revoke_sub("alice", NOW + 0.5)
+    assert state.revocations.is_revoked(before)
+    assert state.unrevoke_sub("alice")
+    assert state.revocations.is_revoked(before)  # still refused
+    assert state.revocations.is_revoked(claims_issued(NOW))  # same second: refused too
+    assert not state.revocations.is_revoked(claims_issued(NOW + 1))  # new ones work
+    assert not state.revocations.is_revoked(claims_issued(NOW - 10, sub="bob"))
+    assert not state.is_identity_revoked("alice")
+
+
+def test_revoking_again_moves_the_time(state: StateStore) -> None:
+    state.revoke_sub("alice", NOW)
+    state.unrevoke_sub("alice")
+    between = claims_issued(NOW + 50)
+    state.revoke_sub("alice", NOW + 100)
+    state.revoke_sub("alice", NOW + 60)  # an earlier time never moves it back
+    state.unrevoke_sub("alice")
+    assert state.revocations.is_revoked(between)
+    assert state.revocations.is_revoked(claims_issued(NOW + 100))
+    assert not state.revocations.is_revoked(claims_issued(NOW + 101))
+
+
+def test_the_revocation_time_reaches_another_process_snapshot(db_path: Path) -> None:
+    server = StateStore.open(db_path)
+    operator = StateStore.open(db_path)
+    operator.revoke_sub("alice", NOW)
+    operator.unrevoke_sub("alice")
+    operator.close()
+    old = claims_issued(NOW - 1)
+    assert not server.revocations.is_revoked(old)  # the snapshot is only read from memory
+    server.load_revocations()  # the server's poll
+    assert server.revocations.is_revoked(old)
+    assert not server.revocations.is_revoked(claims_issued(NOW + 1))
+    server.close()
+
+
+def test_a_database_revoked_before_this_version_keeps_the_time_on_unrevoke(
+    db_path: Path,
+) -> None:
+    state = StateStore.open(db_path)
+    with state._write() as db:  # a row as the earlier schema wrote it: no lifted_subs entry
+        db.execute("INSERT INTO revoked_subs (sub, revoked_at) VALUES ('alice', ?)", (NOW,))
+    state.unrevoke_sub("alice")
+    assert state.revocations.is_revoked(claims_issued(NOW - 1))
+    state.close()
+
+
+async def test_after_unrevoke_an_old_token_is_refused_at_the_upgrade(server: Server) -> None:
+    old, _ = server.authority.issue("alice", "alice-x5t", NOW - 10)
+    server.state.revoke_sub("alice", NOW)
+    assert refusal(await server.post("/auth/token"))[:2] == (403, "identity_revoked")
+    server.state.unrevoke_sub("alice")
+    server.now = NOW + 1
+    fresh = answer(await server.post("/auth/token"))["access_token"]
+    is_revoked = server.state.revocations.is_revoked  # what the server passes to authorize
+    with pytest.raises(TokenRevoked) as caught:
+        authorize(upgrade_with(old), ALICE, server.authority, is_revoked, server.now)
+    assert refusal(refusal_response(caught.value)) == (
+        401,
+        "token_revoked",
+        "this token has been revoked",
+    )
+    upgrade = authorize(upgrade_with(str(fresh)), ALICE, server.authority, is_revoked, server.now)
+    assert upgrade.claims.sub == "alice"
+
+
+def upgrade_with(token: str) -> Request:
+    offered = ("sec-websocket-protocol", f"v12.stomp, bearer.{token}")
+    return Request("GET", "/ws", (("upgrade", "websocket"), offered), b"")
+
+
+@pytest.fixture
+def state(db_path: Path) -> Iterator[StateStore]:
+    store = StateStore.open(db_path)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "state.db"

@@ -161,7 +161,7 @@ def test_unrevoke_sub_lifts_the_block_but_not_old_families(state: StateStore) ->
     assert state.unrevoke_sub("alice") is True
     assert state.unrevoke_sub("alice") is False
     assert not state.is_identity_revoked("alice")
-    assert not state.is_revoked(_claims())
+    assert state.is_revoked(_claims())  # issued before the revocation: it stays refused
     _rotate_refused(state, refresh, InvalidRefresh)
     assert state.issue_refresh("alice", X5T, NOW, DAY)
 

@@ -177,7 +177,12 @@ class HttpApi:
         self._limit_token_requests(peer, now)
         # Refuses a revoked identity (identity_revoked) inside the same transaction.
         refresh = await self._state_lane.run(
-            self._state.issue_refresh, peer.identity, peer.x5t, now, self._config.refresh_lifetime
+            self._state.issue_refresh,
+            peer.identity,
+            peer.x5t,
+            now,
+            self._config.refresh_lifetime,
+            self._config.max_refresh_families,
         )
         return self._grant(peer, refresh, now)
 
