@@ -10,12 +10,25 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from trio_websocket import ConnectionClosed
 from wsproto import WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 from wsproto.frame_protocol import CloseReason
 
+from chat.protocol import events
+from chat.protocol.tokens import Claims, TokenAuthority
+from chat.server.session import SessionLimits, Shared, StompSession
 from tests.below_tls import BelowTls
+from tests.test_server_policy import (
+    NOW,
+    X5T,
+    RecordingOutbox,
+    Room,
+    frame,
+    refused,
+    subscribe,
+)
 
 
 class RawPeer:
@@ -97,3 +110,71 @@ async def test_websocket_protocol_error_is_named_and_closed_on_the_answer(
     answered = trio.current_time()
     await peer.stream.send_all(peer.ws.send(close.response()))
     assert await peer.closed_at() - answered < below.config.close_timeout
+
+
+# ---------------------------------------------------------------- subscriptions per identity
+
+
+@pytest.fixture
+def room(authority: TokenAuthority) -> Room:
+    return Room(authority)
+
+
+def sessions_of_one_server(room: Room, per_identity: int, *subs: str) -> list[StompSession]:
+    """Sessions (one per connection) on one Shared, as a server's are."""
+    shared = Shared(
+        room.broker,
+        room.presence,
+        lambda: room.policy,
+        room.authority,
+        lambda claims: False,
+        room.clock,
+        SessionLimits(8, (0, 0), max_subscriptions_per_identity=per_identity),
+    )
+    return [
+        StompSession(RecordingOutbox(), Claims("chat", sub, 0, 0, int(NOW + 60), sub, X5T), shared)
+        for sub in subs
+    ]
+
+
+def test_subscriptions_are_bounded_per_identity_across_its_connections(room: Room) -> None:
+    first, second, bob = sessions_of_one_server(room, 3, "alice", "alice", "bob")
+    first.handle(subscribe("/topic/#", "a"))
+    first.handle(subscribe("/topic/#", "b"))
+    second.handle(subscribe("/topic/#", "a"))
+    error = refused(lambda: second.handle(subscribe("/topic/#", "b")), "too many subscriptions")
+    assert "at most 3 subscriptions per identity" in error.detail
+    for sub_id in "abc":  # another identity has its own bound
+        bob.handle(subscribe("/topic/#", sub_id))
+
+
+def test_unsubscribe_and_close_free_an_identitys_subscriptions(room: Room) -> None:
+    first, second, third = sessions_of_one_server(room, 2, "alice", "alice", "alice")
+    first.handle(subscribe("/topic/#", "a"))
+    first.handle(subscribe("/topic/lobby", "b"))
+    refused(lambda: second.handle(subscribe("/topic/#", "a")), "too many subscriptions")
+    first.handle(events.Unsubscribe(frame("UNSUBSCRIBE", id="a"), "a"))
+    second.handle(subscribe("/topic/#", "a"))
+    refused(lambda: third.handle(subscribe("/topic/#", "a")), "too many subscriptions")
+    first.close()  # the connection went away: its remaining subscription with it
+    third.handle(subscribe("/topic/#", "a"))
+
+
+async def test_identity_over_its_subscription_bound_gets_error_and_1008(
+    start_below_tls, autojump_clock
+) -> None:
+    """Over the wire: the bound spans alice's two connections; closing one frees its share."""
+    below: BelowTls = await start_below_tls(max_subscriptions_per_identity=2)
+    async with below.stomp_peer("alice") as first:
+        await first.send("SUBSCRIBE", {"destination": "/topic/#", "id": "0"})
+        async with below.stomp_peer("alice") as second:
+            await second.send("SUBSCRIBE", {"destination": "/topic/#", "id": "0"})
+            await second.send("SUBSCRIBE", {"destination": "/topic/x", "id": "1", "receipt": "r"})
+            error = await second.receive()
+            assert (error.command, error.get("message")) == ("ERROR", "too many subscriptions")
+            assert error.get("receipt-id") == "r"
+            with pytest.raises(ConnectionClosed) as info:
+                await second.receive()
+            assert info.value.reason.code == 1008
+        await first.send("SUBSCRIBE", {"destination": "/topic/x", "id": "1", "receipt": "ok"})
+        assert (await first.receive()).get("receipt-id") == "ok"

@@ -297,6 +297,18 @@ def test_renewal_with_a_revoked_token_is_refused(room: Room, authority: TokenAut
     assert error.detail.startswith("token_revoked")
 
 
+def test_renewal_never_moves_the_expiry_back(room: Room, authority: TokenAuthority) -> None:
+    """A valid token that expires before the current one is refused: renewing with an older
+    token must not shorten (or, replayed later, undo) the authorization (issue 11)."""
+    session, _ = room.session(exp=NOW + 120)
+    older, _ = authority.issue("alice", X5T, NOW)  # expires at NOW + 60
+    error = refused(
+        lambda: session.handle(send("/session/token", older.encode())), "token renewal refused"
+    )
+    assert "before the current one" in error.detail
+    assert session.claims.exp == NOW + 120
+
+
 @pytest.mark.parametrize("body", [b"not a token", b"\xff\xfe"])
 def test_renewal_with_garbage_is_refused(room: Room, body: bytes) -> None:
     session, _ = room.session()

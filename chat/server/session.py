@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chat.history import HistoryGap
@@ -143,6 +143,25 @@ class SessionLimits:
     publish_burst: int = 1000
 
 
+class IdentitySubscriptions:
+    """Live subscriptions per identity, across all its connections: each is one more copy of
+    every message it matches, so this is what bounds an identity's fan-out amplification."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def count(self, identity: str) -> int:
+        return self._counts.get(identity, 0)
+
+    def add(self, identity: str) -> None:
+        self._counts[identity] = self.count(identity) + 1
+
+    def remove(self, identity: str) -> None:
+        left = self._counts.pop(identity) - 1
+        if left:
+            self._counts[identity] = left
+
+
 @dataclass(frozen=True, slots=True)
 class Shared:
     """What every session of one server shares."""
@@ -154,6 +173,7 @@ class Shared:
     is_revoked: Callable[[Claims], bool]
     clock: Callable[[], float]  # the wall clock
     limits: SessionLimits
+    subscriptions: IdentitySubscriptions = field(default_factory=IdentitySubscriptions)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -191,6 +211,7 @@ class StompSession:
         self._authority = shared.authority
         self._is_revoked = shared.is_revoked
         self._clock = shared.clock
+        self._identity_subscriptions = shared.subscriptions
         self._rights = self._policy().rights(claims.sub)
         self._subscriptions: dict[str, _Live] = {}
         self._replays: dict[str, _Replay] = {}  # by subscription id, oldest first
@@ -370,6 +391,12 @@ class StompSession:
             raise AuthorizationLost("token renewal refused", f"{exc.code}: {exc.detail}") from exc
         if self._is_revoked(claims):
             raise AuthorizationLost("token renewal refused", "token_revoked: the token is revoked")
+        if claims.exp < self.claims.exp:
+            raise AuthorizationLost(
+                "token renewal refused",
+                f"the token expires at {claims.exp}, before the current one ({self.claims.exp}):"
+                " a renewal never shortens the authorization",
+            )
         self.claims = claims
 
     def _subscribe(self, event: events.Subscribe) -> Acted:
@@ -380,6 +407,7 @@ class StompSession:
         asked = _history_request(frame, destination, route)
         subscription = Subscription(self.outbox, sub_id)
         live = self._subscriptions[sub_id] = _Live(destination, route, subscription)
+        self._identity_subscriptions.add(self.identity)
         if route.space == PRESENCE:
             return Acted(then=lambda: self._watch(sub_id, live))
         if route.space == TOPIC and is_exact(route.pattern):
@@ -401,6 +429,12 @@ class StompSession:
             raise PolicyViolation(
                 "too many subscriptions",
                 f"at most {self._limits.max_subscriptions} subscriptions per connection",
+            )
+        per_identity = self._limits.max_subscriptions_per_identity
+        if self._identity_subscriptions.count(self.identity) >= per_identity:
+            raise PolicyViolation(
+                "too many subscriptions",
+                f"at most {per_identity} subscriptions per identity, across its connections",
             )
         if event.ack != "auto":
             raise Unsupported(
@@ -453,6 +487,7 @@ class StompSession:
 
     def _end(self, sub_id: str) -> None:
         live = self._subscriptions.pop(sub_id)
+        self._identity_subscriptions.remove(self.identity)
         route, subscription = live.route, live.subscription
         if route.space == PRESENCE:
             self._presence.unwatch(_room(route), subscription)
