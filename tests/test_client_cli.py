@@ -224,6 +224,8 @@ def test_at_name_is_an_inbox(pki: TestPki) -> None:
     for wrong in (["--send", "@", "hi"], ["--send", "@b!b", "hi"], ["--listen", "@b b"]):
         with pytest.raises(UsageError, match="@NAME needs a name"):
             parse_options(["--cert", cert, *wrong])
+    with pytest.raises(UsageError, match=r"\(@ alone: your whole inbox\)"):
+        parse_options(["--cert", cert, "--listen", "@*"])
 
 
 async def test_help_lists_every_option_and_default() -> None:

@@ -481,7 +481,8 @@ def _correspondent(target: str, *, allow_everyone: bool) -> str:
     """NAME of `@NAME`, checked; "" for `@` alone when `allow_everyone`."""
     name = target.removeprefix(CONVERSATION)
     if (name or not allow_everyone) and not is_name(name):
-        raise UsageError(f"{target!r}: @NAME needs a name of 1-64 of A-Z a-z 0-9 _ . @ -")
+        everyone = " (@ alone: your whole inbox)" if allow_everyone else ""
+        raise UsageError(f"{target!r}: @NAME needs a name of 1-64 of A-Z a-z 0-9 _ . @ -{everyone}")
     return name
 
 
