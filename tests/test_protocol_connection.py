@@ -584,3 +584,27 @@ def test_queued_frames_count_once_written() -> None:
     assert server.silence_deadline() == 2.0
     server.data_received(4.0)  # a WebSocket ping: the peer is alive
     assert server.silence_deadline() == 6.0
+
+
+def test_next_deadline_is_the_first_heartbeat_event() -> None:
+    """What a shell sleeps until: our heart-beat or the peer's silence deadline, whichever is
+    first; before anything is written, ours no sooner than one interval from now."""
+    server = StompConnection(Role.SERVER)
+    server.receive_data(encode(CONNECT), 0.0)
+    drain(server)
+    assert server.next_deadline(0.0) is None  # nothing agreed yet
+    server.send(CONNECTED)  # send every 3 s, expect every 1 s: silent at 2 s
+    assert server.next_deadline(0.5) == 2.0  # the CONNECTED is still queued: 3.5 is later
+    server.data_received(1.9)
+    assert server.next_deadline(1.9) == 3.9  # silent then; ours 4.9 at the earliest
+    server.data_sent(0.5)
+    assert server.next_deadline(1.9) == 3.5  # the CONNECTED left at 0.5: ours at 3.5
+
+
+def test_no_heartbeats_no_deadline() -> None:
+    server = StompConnection(Role.SERVER)
+    server.receive_data(encode(Frame("CONNECT", (("accept-version", "1.2"),))), 0.0)
+    drain(server)
+    server.send(CONNECTED)
+    server.data_sent(0.0)
+    assert server.heartbeat == (0, 0) and server.next_deadline(0.0) is None

@@ -18,6 +18,7 @@ from wsproto.frame_protocol import CloseReason
 
 from chat.protocol import events
 from chat.protocol.tokens import Claims, TokenAuthority
+from chat.server.connection import GUARD_TICK, guard_wake
 from chat.server.session import SessionLimits, Shared, StompSession
 from tests.below_tls import BelowTls
 from tests.test_server_policy import (
@@ -178,3 +179,61 @@ async def test_identity_over_its_subscription_bound_gets_error_and_1008(
             assert info.value.reason.code == 1008
         await first.send("SUBSCRIBE", {"destination": "/topic/x", "id": "1", "receipt": "ok"})
         assert (await first.receive()).get("receipt-id") == "ok"
+
+
+# ---------------------------------------------------------------- the guard sleeps until due
+
+
+class GuardSteps(trio.abc.Instrument):
+    """Counts how often any connection's guard task runs: each run is one wake-up."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("Connection._guard"):
+            self.steps += 1
+
+
+def test_the_guard_looks_next_at_the_first_thing_due() -> None:
+    assert guard_wake(100.0, None, 30.0) == 130.0  # token expiry
+    assert guard_wake(100.0, 110.0, 30.0) == 110.0  # a heart-beat first
+    assert guard_wake(100.0, None, 10_000.0) == 100.0 + GUARD_TICK  # the wall clock re-read
+    assert guard_wake(100.0, 99.0, 30.0) == 99.0  # overdue: at once
+
+
+async def test_an_idle_connection_wakes_its_guard_only_when_something_is_due(
+    start_below_tls, autojump_clock
+) -> None:
+    """No heart-beats: an hour-long token wakes the guard once per GUARD_TICK (the old guard
+    woke every second), and the connection ends at `exp` exactly, not a tick later."""
+    below: BelowTls = await start_below_tls(token_lifetime=3000)
+    steps = GuardSteps()
+    async with below.stomp_peer("alice") as alice:
+        await alice.send("SUBSCRIBE", {"destination": "/topic/quiet", "id": "0"})
+        expires_in = below.server.connections.copy().pop().session.expires_in()
+        trio.lowlevel.add_instrument(steps)
+        start = trio.current_time()
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await alice.ws.get_message()
+        trio.lowlevel.remove_instrument(steps)
+        assert trio.current_time() - start == pytest.approx(expires_in)
+    assert info.value.reason.code == 1008 and "token expired" in str(info.value.reason.reason)
+    assert steps.steps <= 3000 / GUARD_TICK + 2
+
+
+async def test_heartbeats_wake_the_guard_once_per_beat(start_below_tls, autojump_clock) -> None:
+    """The client wants a beat every 10 s: the guard wakes to send each one, and no more."""
+    below: BelowTls = await start_below_tls(token_lifetime=3000)
+    steps = GuardSteps()
+    async with below.stomp_peer("alice", heartbeat="0,10000") as alice:
+        trio.lowlevel.add_instrument(steps)
+        beats = 0
+        with trio.move_on_after(1000):
+            while True:
+                assert await alice.ws.get_message() == "\n"
+                beats += 1
+        trio.lowlevel.remove_instrument(steps)
+    assert beats >= 99  # one every 10 s (the 100th falls on the edge)
+    assert steps.steps <= beats + 2

@@ -317,6 +317,17 @@ class StompConnection:
         deadline = self.silence_deadline()
         return deadline is not None and now >= deadline
 
+    def next_deadline(self, now: float) -> float | None:
+        """When heart-beats next need a look (ours due, or the peer silent); None: never.
+
+        Before our first bytes leave (a CONNECTED still queued), ours cannot fall due sooner
+        than one interval from `now`: looking then is early, never late.
+        """
+        ours = self.next_heartbeat()
+        if ours is None and self._heartbeat[0]:
+            ours = now + self._heartbeat[0] / 1000
+        return min((d for d in (ours, self.silence_deadline()) if d is not None), default=None)
+
     # ------------------------------------------------------------ inside
 
     def _check_usable(self) -> None:

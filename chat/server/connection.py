@@ -1,17 +1,20 @@
 """One accepted WebSocket connection: the trio shell around a `StompConnection` and its
 `StompSession`.
 
-How this works: the connection's nursery runs three tasks. The reader feeds wsproto and
-the StompConnection (server role: the protocol, chat.protocol), hands each event to the
-session (the policy, which never awaits) and sends its answers back through the
-StompConnection, so pings and closes are always answered. Fan-out bytes come pre-encoded
-from the broker straight into the outbox. The writer drains the `Outbox`, coalescing
-whatever is pending into one `send_all`, and after each one lets the session page in more
-of any replay (so a replay of any size fits the bounded outbox, PROTOCOL.md §11). The
-guard wakes on a timer (heart-beats, token expiry, connect deadline) or when the outbox
-overflows. Whatever ends the connection records an `Ending` and cancels the nursery; `run`
-then performs the close handshake once, under a timeout, so every wait on the peer is
-bounded.
+How this works: the connection's nursery runs three tasks. The reader feeds wsproto and the
+StompConnection (server role: the protocol, chat.protocol), hands each event to the session
+(the policy, which never awaits) and sends its answers back through the StompConnection, so
+pings and closes are always answered. Fan-out bytes come pre-encoded from the broker straight
+into the outbox. The writer drains the `Outbox`, coalescing whatever is pending into one
+`send_all`, and after each one lets the session page in more of any replay (so a replay of any
+size fits the bounded outbox, PROTOCOL.md §11). The guard sleeps until the next thing due
+(connect deadline, our heart-beat, the peer's silence deadline, token expiry), or until the
+outbox overflows: an idle connection costs nothing between those. Deadlines only move later
+meanwhile (bytes moving, a renewal), so waking at an old one just finds the new one;
+revocations and policy changes reach the connection through `check_authorization()`, called by
+the server's watchers. Whatever ends the connection records an `Ending` and cancels the
+nursery; `run` then performs the close handshake once, under a timeout, so every wait on the
+peer is bounded.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from chat.protocol import events
 from chat.protocol.connection import ConnectionLimits, Role, State, StompConnection
 from chat.protocol.errors import CloseCode, PolicyViolation, StompProtocolError
-from chat.protocol.stomp import HEARTBEAT, Frame, FrameParser
+from chat.protocol.stomp import Frame, FrameParser
 from chat.server.session import StompSession
 from chat.wsframes import data_frame
 
 log = logging.getLogger("chat.server")
 
 RECEIVE_BYTES = 64 * 1024  # one read from the TLS stream
-GUARD_TICK = 1.0  # the longest the guard sleeps: bounds token-expiry detection delay
-_HEARTBEAT_FRAME = data_frame(HEARTBEAT)
+# The longest the guard sleeps: token expiry is wall-clock time, the guard's sleep monotonic,
+# so a stepped wall clock delays an expiry by at most this.
+GUARD_TICK = 60.0
 
 
 class SlowConsumer(PolicyViolation):
@@ -269,28 +273,26 @@ class Connection:
             self.fail(ConnectTimeout("connect timeout", "no CONNECT frame in time"))
             return
         while True:
-            with trio.move_on_after(self._tick()):
-                await self._outbox.overflowed.wait()
-                self.fail(SlowConsumer("slow consumer", "outbound buffer limit exceeded"))
-                return
             try:
-                self._check(trio.current_time())
+                wake_at = self._check(trio.current_time())
             except StompProtocolError as error:
                 self.fail(error)
                 return
+            with trio.move_on_at(wake_at):
+                await self._outbox.overflowed.wait()
+                self.fail(SlowConsumer("slow consumer", "outbound buffer limit exceeded"))
+                return
 
-    def _tick(self) -> float:
-        intervals = [ms / 2000 for ms in self._protocol.heartbeat if ms]
-        return min([GUARD_TICK, *intervals])
-
-    def _check(self, now: float) -> None:
+    def _check(self, now: float) -> float:
+        """Act on what is due at `now`; when the guard must look next."""
         if self._protocol.peer_silent(now):
             expect_ms = self._protocol.heartbeat[1]
             raise HeartbeatTimeout("heart-beat timeout", f"nothing received for {2 * expect_ms} ms")
         due = self._protocol.next_heartbeat()
         if due is not None and now >= due:
-            self._outbox.push(_HEARTBEAT_FRAME)  # written by the writer, which records it
+            self._outbox.push(data_frame(self._protocol.send_heartbeat(now)))
         self.session.check_authorization()
+        return guard_wake(now, self._protocol.next_deadline(now), self.session.expires_in())
 
     async def _close(self, ending: Ending) -> None:
         """Flush what is pending, send ERROR and the close frame, await the peer's close."""
@@ -325,6 +327,13 @@ class Connection:
             ws.receive_data(data)
             if any(isinstance(event, CloseConnection) for event in ws.events()):
                 return
+
+
+def guard_wake(now: float, heartbeats: float | None, expires_in: float) -> float:
+    """When a guard looking at `now` looks next: the heart-beat deadline, the token's expiry
+    (`expires_in` seconds away), or GUARD_TICK from now, whichever is first."""
+    wake = now + min(expires_in, GUARD_TICK)
+    return wake if heartbeats is None else min(wake, heartbeats)
 
 
 def _error_frame(ending: Ending) -> Frame:

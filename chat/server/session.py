@@ -16,13 +16,14 @@ committed messages, a bounded chunk. A cursor that reaches the topic's high-wate
 the broker in the same synchronous step, and live fan-out happens synchronously when a commit
 is marked, so between replay and live there is no gap and no duplicate.
 
-Authorization (PROTOCOL.md §9) is decided when a subscription is made and when a frame is
-sent, never per delivered message: the session holds its identity's `Rights` from the policy
-in force, and each `check_authorization()` (the connection's timer, and every policy reload)
-compares them with the current ones; a subscription the new rights no longer allow ends the
-session with `ERROR message:forbidden`. A SEND to `/user/NAME` is stored twice (§10): in
-NAME's inbox and in the sender's own. Exact topic subscriptions make their identity a member
-of the room (§11); a `/presence/ROOM` subscription gets its snapshot after its RECEIPT.
+Authorization (PROTOCOL.md §9) is decided when a subscription is made and when a frame is sent,
+never per delivered message: the session holds its identity's `Rights` from the policy in
+force, and each `check_authorization()` (the connection's guard at the token's expiry, the
+server's watchers after each revocation or policy change) compares them with the current ones;
+a subscription the new rights no longer allow ends the session with `ERROR message:forbidden`.
+A SEND to `/user/NAME` is stored twice (§10): in NAME's inbox and in the sender's own. Exact
+topic subscriptions make their identity a member of the room (§11); a `/presence/ROOM`
+subscription gets its snapshot after its RECEIPT.
 """
 
 from __future__ import annotations
@@ -311,6 +312,11 @@ class StompSession:
             self._rights = rights
             for live in self._subscriptions.values():
                 self._authorize(live.destination, live.route, "no longer lets")
+
+    def expires_in(self) -> float:
+        """Seconds until the token expires, by the wall clock: when the connection's guard
+        must look next, if nothing else is due before."""
+        return self.claims.exp - self._clock()
 
     def _authorize(self, destination: str, route: Route, verb: str = "does not let") -> None:
         """Forbidden unless the rights allow subscribing to `route` (PROTOCOL.md §9-§11)."""
