@@ -11,12 +11,19 @@ import json
 import logging
 import resource
 import ssl
+from collections.abc import Callable
 
 import pytest
 import trio
 import trio.testing
 
-from chat.server.admission import FILE_RESERVE, MIN_CONNECTIONS, Admission, connections_within
+from chat.server.admission import (
+    FILE_RESERVE,
+    MIN_CONNECTIONS,
+    Admission,
+    Arrival,
+    connections_within,
+)
 from chat.server.app import MAX_REQUEST_HEAD, REFUSAL_LINES, REFUSAL_WINDOW
 from chat.server.config import ConfigError
 from chat.server.refusals import LogRate
@@ -34,28 +41,36 @@ from tests.conftest import (
 # ---------------------------------------------------------------- the pure parts
 
 
-def test_admission_sheds_the_oldest_unfinished_handshake() -> None:
+def test_admission_sheds_the_oldest_handshake_in_progress() -> None:
     admission: Admission[str] = Admission(max_connections=10, max_handshakes=2)
-    assert admission.arrive("a").shed == ()
-    assert admission.arrive("b").shed == ()
+    for handle in "abcde":
+        assert admission.arrive(handle).shed == ()
+    assert admission.started("a") == ()
+    assert admission.started("b") == ()
     admission.opened("a")  # established: never shed
-    assert admission.arrive("c").shed == ()
-    assert admission.arrive("d").shed == ("b",)
-    assert (admission.connections, admission.handshakes) == (3, 2)  # a, c, d
+    assert admission.started("c") == ()
+    assert admission.started("d") == ("b",)
+    assert admission.started("b") == ()  # shed already: nothing more to do
+    assert (admission.connections, admission.unfinished, admission.handshakes) == (4, 3, 2)
+    admission.left("c")
+    assert admission.started("e") == ()
 
 
-def test_admission_sheds_handshakes_before_refusing_newcomers() -> None:
-    admission: Admission[str] = Admission(max_connections=2, max_handshakes=2)
+def test_admission_sheds_unfinished_sockets_before_refusing_newcomers() -> None:
+    admission: Admission[str] = Admission(max_connections=3, max_handshakes=2)
     admission.arrive("a")
     admission.opened("a")
-    admission.arrive("b")
-    arrival = admission.arrive("c")
-    assert (arrival.admitted, arrival.shed) == (True, ("b",))
-    admission.opened("c")
-    assert not admission.arrive("d").admitted  # every slot is established
+    admission.arrive("b")  # idle
+    admission.arrive("c")
+    admission.started("c")
+    assert admission.arrive("d") == Arrival(admitted=True, shed=("b",))  # the oldest first
+    assert admission.arrive("e") == Arrival(admitted=True, shed=("c",))
+    admission.opened("d")
+    admission.opened("e")
+    assert admission.arrive("f") == Arrival(admitted=False)  # every one is established
     admission.left("a")
-    assert admission.arrive("d").admitted
-    assert admission.connections == 2
+    assert admission.arrive("f").admitted
+    assert admission.connections == 3
 
 
 def test_connections_fit_the_file_limit() -> None:
@@ -89,6 +104,21 @@ async def silent_socket(server: RunningServer) -> trio.SocketStream:
     return await trio.open_tcp_stream("127.0.0.1", server.port)
 
 
+async def stalled_handshake(server: RunningServer) -> trio.SocketStream:
+    """A TLS handshake begun (the first bytes of a record) and never finished."""
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    await stream.send_all(b"\x16\x03\x01")
+    return stream
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until the server (in this test's event loop) has caught up with what the test did;
+    the deadline is a guard against a hang, not a measurement."""
+    with trio.fail_after(5):
+        while not condition():
+            await trio.testing.wait_all_tasks_blocked()
+
+
 async def is_closed(stream: trio.abc.Stream) -> bool:
     """Whether the server closed `stream` (a guard, not a timing: it answers at once)."""
     with trio.fail_after(5):
@@ -117,14 +147,33 @@ async def upgrade(server: RunningServer, pki: TestPki, name: str, token: str) ->
 # ---------------------------------------------------------------- handshakes and connections
 
 
-async def test_a_healthy_client_connects_past_silent_sockets(start_server, pki: TestPki) -> None:
+async def test_a_healthy_client_connects_past_stalled_handshakes(
+    start_server, pki: TestPki
+) -> None:
     server: RunningServer = await start_server(max_handshakes=4)
+    admission = server.server.admission
     token = await token_for(server, pki, "alice")
-    silent = [await silent_socket(server) for _ in range(4)]
+    stalled = []
+    for held in range(1, 5):
+        stalled.append(await stalled_handshake(server))
+        await until(lambda held=held: admission.handshakes == held)
     async with raw_ws(server, pki, "alice", token=token) as ws:
         await StompPeer(ws).connect()
-        assert await is_closed(silent[0])  # the oldest was shed for the newcomer
-        assert server.server.admission.handshakes == 3  # the other three are still held
+        assert await is_closed(stalled[0])  # the oldest was shed for the newcomer
+        assert admission.handshakes == 3  # the other three are still held
+    for stream in stalled:
+        await stream.aclose()
+
+
+async def test_idle_sockets_are_held_up_to_max_connections(start_server, pki: TestPki) -> None:
+    """Sockets that sent nothing cost no TLS state: max_handshakes does not shed them (a
+    persistent attacker would only open them again, ahead of healthy clients)."""
+    server: RunningServer = await start_server(max_handshakes=4)
+    token = await token_for(server, pki, "alice")
+    silent = [await silent_socket(server) for _ in range(6)]
+    async with raw_ws(server, pki, "alice", token=token) as ws:
+        await StompPeer(ws).connect()
+        assert server.server.admission.unfinished == 6
     for stream in silent:
         await stream.aclose()
 

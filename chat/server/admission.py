@@ -1,12 +1,17 @@
-"""Which connections the server holds: a bound on all of them and on unfinished handshakes.
+"""Which connections the server holds: a bound on all of them and on handshakes in progress.
 
 How this works: every accepted socket `arrive`s with a handle (the shell's cancel scope)
-and is an unfinished handshake until `opened` (TLS done and the request head read), then
-a connection until it has `left`. Idle sockets held against the port (PROTOCOL.md §12)
-must not keep healthy clients out, so a newcomer is never the one refused while some
-handshake is unfinished: when handshakes exceed `max_handshakes`, or connections exceed
-`max_connections`, the oldest unfinished handshake is shed (its handle is returned for the
-shell to close). Only when every connection is past its handshake is a newcomer refused.
+and is unfinished until `opened` (TLS done and the request head read), then a connection
+until it has `left`. An unfinished socket that has sent nothing yet costs the server one
+file and an idle task; once it has `started` (its first bytes: a TLS handshake or a request
+head in progress) it costs TLS state, so handshakes in progress have their own, smaller
+bound. Idle sockets held against the port (PROTOCOL.md §12) must not keep healthy clients
+out, so a newcomer is never the one refused while some socket is unfinished: beyond
+`max_connections` the oldest unfinished socket is shed, beyond `max_handshakes` the oldest
+handshake in progress (their handles are returned for the shell to close). Only when every
+connection is past its handshake is a newcomer refused. Holding idle sockets rather than
+shedding them at once matters: each one shed is re-opened by a persistent attacker, and
+the kernel's accept queue then fills with them, ahead of the healthy clients.
 
 The number of connections is also bounded by the process's file limit: `fit_file_limit`
 raises the soft limit to the hard one and says how many connections fit beside the files
@@ -43,48 +48,69 @@ class Arrival(Generic[H]):
 
 
 class Admission(Generic[H]):
-    """Counts connections and unfinished handshakes (oldest first), and picks what to shed."""
+    """Counts connections, unfinished ones and handshakes in progress (each oldest first),
+    and picks what to shed."""
 
     def __init__(self, max_connections: int, max_handshakes: int) -> None:
         self.max_connections = max_connections
         self.max_handshakes = max_handshakes
-        self._handshakes: OrderedDict[H, None] = OrderedDict()  # arrival order
         self._connections: set[H] = set()
+        self._unfinished: OrderedDict[H, None] = OrderedDict()  # arrival order
+        self._handshakes: OrderedDict[H, None] = OrderedDict()  # order of their first bytes
 
     @property
     def connections(self) -> int:
-        """Sockets held, unfinished handshakes included."""
+        """Sockets held, unfinished ones included."""
         return len(self._connections)
 
     @property
+    def unfinished(self) -> int:
+        return len(self._unfinished)
+
+    @property
     def handshakes(self) -> int:
+        """Unfinished sockets that have sent something."""
         return len(self._handshakes)
 
     def arrive(self, handle: H) -> Arrival[H]:
-        """A socket was accepted: admit it as an unfinished handshake, shedding older ones to
-        stay within both bounds, or refuse it when every slot is an established connection."""
-        if len(self._connections) >= self.max_connections and not self._handshakes:
+        """A socket was accepted: admit it, shedding the oldest unfinished one if the
+        connections are beyond their bound, or refuse it when every one is established."""
+        if len(self._connections) >= self.max_connections and not self._unfinished:
             return Arrival(admitted=False)
         self._connections.add(handle)
+        self._unfinished[handle] = None
+        shed: list[H] = []
+        while len(self._connections) > self.max_connections:
+            oldest, _ = self._unfinished.popitem(last=False)
+            shed.append(self._forget(oldest))
+        return Arrival(admitted=True, shed=tuple(shed))
+
+    def started(self, handle: H) -> tuple[H, ...]:
+        """Its first bytes arrived: a handshake in progress. Returns the older ones shed
+        to stay within `max_handshakes`."""
+        if handle not in self._unfinished:  # shed already
+            return ()
         self._handshakes[handle] = None
         shed: list[H] = []
-        while (
-            len(self._handshakes) > self.max_handshakes
-            or len(self._connections) > self.max_connections
-        ):
+        while len(self._handshakes) > self.max_handshakes:
             oldest, _ = self._handshakes.popitem(last=False)
-            self._connections.discard(oldest)
-            shed.append(oldest)
-        return Arrival(admitted=True, shed=tuple(shed))
+            shed.append(self._forget(oldest))
+        return tuple(shed)
 
     def opened(self, handle: H) -> None:
         """Its handshake and request head are done: no longer one to shed."""
+        self._unfinished.pop(handle, None)
         self._handshakes.pop(handle, None)
 
     def left(self, handle: H) -> None:
         """Its socket is closed (a shed one was forgotten already)."""
-        self._handshakes.pop(handle, None)
+        self._forget(handle)
+
+    def _forget(self, handle: H) -> H:
         self._connections.discard(handle)
+        self._unfinished.pop(handle, None)
+        self._handshakes.pop(handle, None)
+        return handle
 
 
 def connections_within(file_limit: int, wanted: int) -> int:

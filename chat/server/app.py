@@ -5,17 +5,17 @@ Each handler does the TLS handshake, then hands the stream and the `Peer` it est
 `serve_stream`, which reads the request head (under the same timeout as the handshake) and
 either answers a plain HTTP route or upgrades to a `Connection`; `serve_stream` takes any
 `trio.abc.Stream`, so the layers above TLS also run over a memory stream. Every connection
-is counted by `Admission` from its arrival: until its request head is read it is an
-unfinished handshake that a newcomer may shed (admission.py), so idle sockets held against
-the port never keep healthy clients out. A failure in one handler ends only that
-connection. The wall clock (token issue and expiry, timestamps, retention) is the `clock`
-the server is given. Shutdown stops accepting, asks every
-connection to close with 1001, and cancels what is left after the grace period. Storage
-is opened once, before serving; from then on it is called only through the stores' lanes
-(`storage.py`), and the upgrade and every live session check revocations against the state
-store's snapshot, which two background tasks keep fresh: one polls the revocation counter,
-one the key directory (each in its own lane, so a locked key directory never delays a
-revocation).
+is counted by `Admission` from its arrival: until its request head is read it is
+unfinished and a newcomer may shed it (admission.py), so idle sockets held against the port
+never keep healthy clients out; the TLS state is made only once the first bytes arrive.
+A failure in one handler ends only that connection. The wall clock (token issue and
+expiry, timestamps, retention) is the `clock` the server is given. Shutdown stops
+accepting, asks every connection to close with 1001, and cancels what is left after the
+grace period. Storage is opened once, before serving; from then on it is called only
+through the stores' lanes (`storage.py`), and the upgrade and every live session check
+revocations against the state store's snapshot, which two background tasks keep fresh: one
+polls the revocation counter, one the key directory (each in its own lane, so a locked key
+directory never delays a revocation).
 """
 
 from __future__ import annotations
@@ -340,13 +340,18 @@ class ChatServer:
         `head_deadline`, default the handshake timeout from now), route, upgrade, run the
         connection. `peer` is who the handshake established. An internal error ends only
         this connection: it is logged, not raised."""
-        await self._admitted(stream, partial(self._serve_stream, stream, peer, head_deadline))
+
+        async def serve(ticket: trio.CancelScope) -> None:
+            self._start(ticket)  # the stream is open: its request head is under way
+            await self._serve_stream(stream, peer, head_deadline, ticket)
+
+        await self._admitted(stream, serve)
 
     async def _admitted(
         self, stream: trio.abc.Stream, serve: Callable[[trio.CancelScope], Awaitable[None]]
     ) -> None:
         """Serve one connection within the admission bounds: refused when every slot is
-        an established connection; cancelled if shed while its handshake is unfinished.
+        an established connection; cancelled if shed while it is unfinished.
         The one boundary where a bug in handling one connection stops at that connection."""
         with trio.CancelScope() as ticket:
             arrival = self.admission.arrive(ticket)
@@ -364,11 +369,19 @@ class ChatServer:
                 await trio.aclose_forcefully(stream)
                 self.admission.left(ticket)
 
+    def _start(self, ticket: trio.CancelScope) -> None:
+        for shed in self.admission.started(ticket):
+            shed.cancel()
+
     async def _serve_tls(self, raw: trio.SocketStream, ticket: trio.CancelScope) -> None:
-        stream = trio.SSLStream(raw, self.tls.current(), server_side=True, https_compatible=True)
         deadline = trio.current_time() + self.config.handshake_timeout
         try:
             with trio.fail_at(deadline):
+                await trio.lowlevel.wait_readable(raw.socket)  # idle, it costs no TLS state
+                self._start(ticket)
+                stream = trio.SSLStream(
+                    raw, self.tls.current(), server_side=True, https_compatible=True
+                )
                 await stream.do_handshake()
                 peer = _peer_of(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
