@@ -592,23 +592,37 @@ def _crl_number(crl: x509.CertificateRevocationList | None) -> int:
 
 
 def ensure_dev_pki(
-    directory: Path, clients: Sequence[str] = ("alice", "bob")
+    directory: Path, clients: Sequence[str] = ("alice", "bob"), passphrase: bytes | None = None
 ) -> tuple[DevPki, list[Path]]:
     """Create whatever of CA, CRL, server pair and client pairs is missing; touch nothing else.
 
     Returns the layout and the files created (empty when all were there). The CA key is
-    read only when something must be signed, so a complete directory may keep it encrypted.
+    read only when something must be signed, so a complete directory may keep it encrypted
+    or elsewhere: serving needs only ca.crt and the server pair, so without ca.key the
+    missing client pairs and CRL are not made (no certificate can have been revoked, and
+    clients are made where the CA key is). `passphrase` is the server key's (`--passphrase-env`):
+    it opens an encrypted ca.key and encrypts a new ca.key and server.key, as
+    `chat-certs init --passphrase-env` does; client keys stay plain.
     """
     pki = DevPki.at(Path(directory))
     pairs: list[tuple[Path, Path, str | None]] = [(pki.server_cert, pki.server_key, None)]
     pairs += [(*pki.client(name), name) for name in clients]
-    for crt, key, _ in [(pki.ca, pki.ca_key, None), *pairs]:
+    for crt, key, _ in pairs:
         _check_pair(crt, key)
+    if pki.ca_key.exists() and not pki.ca.exists():
+        raise PkiError(f"{pki.ca_key} exists but {pki.ca} is missing; restore it or remove both")
     pending = [(crt, key, name) for crt, key, name in pairs if not crt.exists()]
+    if pki.ca.exists() and not pki.ca_key.exists():
+        if not pki.server_cert.exists():
+            raise PkiError(
+                f"{pki.ca_key} is missing: it is needed to create {pki.server_cert}; restore "
+                "it, or make the server certificate with chat-certs where the CA key is"
+            )
+        return pki, []
     if pki.ca.exists() and pki.crl.exists() and not pending:
         return pki, []
     created: list[Path] = []
-    ca_key, ca_cert = _ensure_ca(pki, created)
+    ca_key, ca_cert = _ensure_ca(pki, created, passphrase)
     if not pki.crl.exists():
         write_crl(pki.crl, make_crl(ca_key, ca_cert))
         created.append(pki.crl)
@@ -618,21 +632,24 @@ def ensure_dev_pki(
             if name is None
             else make_client_cert(ca_key, ca_cert, name)
         )
-        write_private_key(key, issued[0])
+        write_private_key(key, issued[0], passphrase if name is None else None)
         write_certificate(crt, issued[1])
         created += [crt, key]
     return pki, created
 
 
-def _ensure_ca(pki: DevPki, created: list[Path]) -> tuple[SigningKey, x509.Certificate]:
+def _ensure_ca(
+    pki: DevPki, created: list[Path], passphrase: bytes | None
+) -> tuple[SigningKey, x509.Certificate]:
     if pki.ca.exists():
-        return load_ca(pki)
+        encrypted = any(marker in _read(pki.ca_key) for marker in ENCRYPTED_PEM_MARKERS)
+        return load_ca(pki, passphrase if encrypted else None)
     try:
         pki.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     except OSError as exc:
         raise PkiError(f"cannot create directory {pki.directory}: {exc.strerror}") from None
     key, cert = make_ca()
-    write_private_key(pki.ca_key, key)
+    write_private_key(pki.ca_key, key, passphrase)
     write_certificate(pki.ca, cert)
     created += [pki.ca, pki.ca_key]
     return key, cert

@@ -18,6 +18,8 @@ from chat.cli_common import config_from
 from chat.server.app import ChatServer
 from chat.server.cli import build_parser, main
 from chat.server.config import ServerConfig
+from chat.store.keys import KeyStore
+from chat.store.state import StateStore
 from tests.conftest import RunningServer, StompPeer, TestPki, http_request, raw_ws
 
 SERVER = [sys.executable, "-m", "chat.server.cli"]
@@ -220,9 +222,15 @@ def test_inconsistent_limits_are_refused(tmp_path: Path, pki: TestPki) -> None:
     assert "outbound buffer (1000 bytes) must hold" in line
 
 
+def server_state(directory: Path) -> str:
+    """A state directory as a server's first start leaves it: the commands act on nothing else."""
+    KeyStore.open(directory / "keys")
+    StateStore.open(directory / "state.db").close()
+    return str(directory)
+
+
 def test_revoke_and_unrevoke(tmp_path: Path) -> None:
-    state = str(tmp_path / "state")
-    (tmp_path / "state").mkdir()
+    state = server_state(tmp_path / "state")
     assert (
         "revoked identity 'alice'" in run("revoke", "--sub", "alice", "--state-dir", state).stdout
     )
@@ -231,8 +239,7 @@ def test_revoke_and_unrevoke(tmp_path: Path) -> None:
 
 
 def test_keys_rotate_lists_both(tmp_path: Path) -> None:
-    state = str(tmp_path / "state")
-    (tmp_path / "state").mkdir()
+    state = server_state(tmp_path / "state")
     first = run("keys", "list", "--state-dir", state)
     rotated = run("keys", "rotate", "--state-dir", state)
     assert first.returncode == rotated.returncode == 0

@@ -6,12 +6,21 @@ in-process through `chat.server.cli.main`, a subprocess only where the process m
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
+from chat import pki as pki_module
+from chat.pki import KeyPassphraseRequired, PkiError, WrongPassphrase
 from chat.protocol.policy import DEFAULT_POLICY, Policy
 from chat.protocol.tokens import (
     Claims,
@@ -22,6 +31,8 @@ from chat.protocol.tokens import (
     TokenPolicy,
     TokenRevoked,
 )
+from chat.server.app import ChatServer
+from chat.server.cli import main
 from chat.server.config import ServerConfig
 from chat.server.http_api import HttpApi, Peer, Request, Response, refusal_response
 from chat.server.ratelimit import RateLimiter
@@ -29,6 +40,9 @@ from chat.server.upgrade import authorize
 from chat.store.keys import KeyStore
 from chat.store.state import MAX_SPENT_KEPT, StateStore
 from tests.below_tls import InlineLane
+from tests.conftest import RunningServer, TestPki, http_request
+
+SERVER = [sys.executable, "-m", "chat.server.cli"]
 
 NOW = 1_800_000_000.0
 LIFETIME = 60
@@ -429,3 +443,271 @@ def state(db_path: Path) -> Iterator[StateStore]:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "state.db"
+
+
+# ---------------------------------------------------------------- 5. operator mistakes
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one error line of a command (without its `chat-server: `), nothing on stdout."""
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, (out, err)
+    assert err.startswith("chat-server: ")
+    return err.removeprefix("chat-server: ").rstrip("\n")
+
+
+def serve(state_dir: Path, pki: TestPki) -> int:
+    return main(["--state-dir", str(state_dir), "--certs-dir", str(pki.dir), "--port", "0"])
+
+
+def test_a_state_dir_under_a_file_is_one_line(
+    tmp_path: Path, pki: TestPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "state"
+    a_file.write_text("not a directory")
+    for state_dir in (a_file, a_file / "x"):
+        assert serve(state_dir, pki) == 2
+        assert one_line(capsys) == (
+            f"cannot open the signing-key store at {state_dir}/keys: {a_file} is not a directory"
+        )
+
+
+def test_a_state_dir_under_dev_null_is_one_line(
+    pki: TestPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert serve(Path("/dev/null/x"), pki) == 2
+    assert one_line(capsys) == (
+        "cannot open the signing-key store at /dev/null/x/keys: /dev/null is not a directory"
+    )
+
+
+Lock = Callable[[Path], Path]
+
+
+@pytest.fixture
+def lock() -> Iterator[Lock]:
+    """Makes a directory this process cannot write in. Root bypasses file modes but not the
+    immutable attribute (ext4, xfs, btrfs: `chattr +i`); where that fails, root skips."""
+    locked: list[Path] = []
+
+    def make_unwritable(directory: Path) -> Path:
+        if os.geteuid() != 0:
+            directory.chmod(0o555)
+        else:
+            made = subprocess.run(["chattr", "+i", str(directory)], capture_output=True, text=True)
+            if made.returncode != 0:
+                pytest.skip(f"as root only an immutable directory cannot be written: {made.stderr}")
+        locked.append(directory)
+        return directory
+
+    if os.geteuid() == 0 and shutil.which("chattr") is None:
+        pytest.skip("as root only an immutable directory cannot be written, and chattr is absent")
+    yield make_unwritable
+    for directory in locked:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        directory.chmod(0o755)
+
+
+UNWRITABLE = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+
+
+def test_a_state_dir_that_cannot_be_written_is_one_line(
+    tmp_path: Path, lock: Lock, pki: TestPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "state").mkdir()
+    unwritable = lock(tmp_path / "state")
+    for state_dir in (unwritable, unwritable / "state"):
+        assert serve(state_dir, pki) == 2
+        assert one_line(capsys) == (
+            f"cannot open the signing-key store at {state_dir}/keys: {UNWRITABLE}"
+        )
+    assert list(unwritable.iterdir()) == []
+
+
+def make_server_state(state_dir: Path) -> Path:
+    """What a server's first start leaves in its state directory (the stores it opens)."""
+    KeyStore.open(state_dir / "keys")
+    StateStore.open(state_dir / "state.db").close()
+    return state_dir
+
+
+def test_a_state_command_on_state_that_cannot_be_written_is_one_line(
+    tmp_path: Path, lock: Lock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_dir = lock(make_server_state(tmp_path / "state"))
+    assert main(["revoke", "--sub", "alice", "--state-dir", str(state_dir)]) == 2
+    assert one_line(capsys).startswith(f"cannot open the token state at {state_dir}/state.db: ")
+
+
+STATE_COMMANDS = [
+    (("revoke", "--sub", "alice"), "state.db"),
+    (("revoke", "--jti", "some-token-id"), "state.db"),
+    (("unrevoke", "--sub", "alice"), "state.db"),
+    (("keys", "list"), "keys/keys.json"),
+    (("keys", "rotate"), "keys/keys.json"),
+]
+
+
+@pytest.mark.parametrize(("command", "needs"), STATE_COMMANDS)
+@pytest.mark.parametrize("exists", [True, False], ids=["empty-dir", "no-dir"])
+def test_a_state_command_without_server_state_refuses_and_creates_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: tuple[str, ...],
+    needs: str,
+    exists: bool,
+) -> None:
+    state_dir = tmp_path / "typo"
+    if exists:
+        state_dir.mkdir()
+    assert main([*command, "--state-dir", str(state_dir)]) == 2
+    assert one_line(capsys) == (
+        f"no server state in {state_dir} ({state_dir}/{needs} does not exist); "
+        "give the --state-dir the server uses"
+    )
+    assert list(state_dir.iterdir()) == [] if exists else not state_dir.exists()
+
+
+def test_state_commands_act_on_a_servers_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_dir = str(tmp_path / "state")
+    make_server_state(tmp_path / "state")
+    assert main(["revoke", "--sub", "alice", "--state-dir", state_dir]) == 0
+    assert main(["unrevoke", "--sub", "alice", "--state-dir", state_dir]) == 0
+    assert main(["keys", "rotate", "--state-dir", state_dir]) == 0
+    out, err = capsys.readouterr()
+    assert "revoked identity 'alice'" in out and "may connect again" in out and err == ""
+
+
+# ---------------------------------------------------------------- 5. ca.key: only to sign
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> pki_module.DevPki:
+    """What `chat-certs init` makes: CA, server pair, CRL; no clients."""
+    layout, _ = pki_module.ensure_dev_pki(tmp_path / "certs", ())
+    return layout
+
+
+def test_without_ca_key_nothing_is_signed_and_nothing_refused(certs: pki_module.DevPki) -> None:
+    certs.ca_key.unlink()
+    certs.crl.unlink()
+    assert pki_module.ensure_dev_pki(certs.directory, ("alice", "bob")) == (certs, [])
+    assert sorted(p.name for p in certs.directory.iterdir()) == [
+        "ca.crt",
+        "server.crt",
+        "server.key",
+    ]
+    pki_module.server_ssl_context(certs.server_cert, certs.server_key, certs.ca)  # serves
+
+
+def test_without_ca_key_a_missing_server_pair_is_one_line(certs: pki_module.DevPki) -> None:
+    certs.ca_key.unlink()
+    certs.server_cert.unlink()
+    certs.server_key.unlink()
+    with pytest.raises(PkiError) as caught:
+        pki_module.ensure_dev_pki(certs.directory)
+    assert str(caught.value) == (
+        f"{certs.ca_key} is missing: it is needed to create {certs.server_cert}; restore it, "
+        "or make the server certificate with chat-certs where the CA key is"
+    )
+
+
+def test_a_ca_key_without_its_certificate_is_refused(certs: pki_module.DevPki) -> None:
+    certs.ca.unlink()
+    with pytest.raises(PkiError, match="ca.key exists but .*ca.crt is missing"):
+        pki_module.ensure_dev_pki(certs.directory)
+
+
+def encrypted_certs(directory: Path, passphrase: bytes) -> pki_module.DevPki:
+    """What `chat-certs init --passphrase-env` makes: ca.key and server.key encrypted."""
+    layout = pki_module.DevPki.at(directory)
+    directory.mkdir()
+    ca_key, ca_cert = pki_module.make_ca()
+    server_key, server_cert = pki_module.make_server_cert(ca_key, ca_cert, ())
+    pki_module.write_private_key(layout.ca_key, ca_key, passphrase)
+    pki_module.write_certificate(layout.ca, ca_cert)
+    pki_module.write_private_key(layout.server_key, server_key, passphrase)
+    pki_module.write_certificate(layout.server_cert, server_cert)
+    return layout
+
+
+def test_an_encrypted_ca_key_signs_with_the_servers_passphrase(tmp_path: Path) -> None:
+    layout = encrypted_certs(tmp_path / "certs", b"secret")
+    with pytest.raises(KeyPassphraseRequired):
+        pki_module.ensure_dev_pki(layout.directory)
+    with pytest.raises(WrongPassphrase):
+        pki_module.ensure_dev_pki(layout.directory, passphrase=b"wrong")
+    _, created = pki_module.ensure_dev_pki(layout.directory, ("alice",), b"secret")
+    assert sorted(p.name for p in created) == ["alice.crt", "alice.key", "crl.pem"]
+    pki_module.load_private_key(layout.directory / "alice.key")  # clients stay plain
+    pki_module.load_crl(layout.crl, pki_module.load_certificate(layout.ca))
+
+
+def test_a_new_dev_pki_with_a_passphrase_encrypts_the_ca_and_server_keys(tmp_path: Path) -> None:
+    layout, _ = pki_module.ensure_dev_pki(tmp_path / "certs", ("alice",), b"secret")
+    for key in (layout.ca_key, layout.server_key):
+        with pytest.raises(KeyPassphraseRequired):
+            pki_module.load_private_key(key)
+    pki_module.load_ca(layout, b"secret")
+    pki_module.server_ssl_context(layout.server_cert, layout.server_key, layout.ca, None, b"secret")
+
+
+def test_a_plain_ca_key_ignores_the_servers_passphrase(certs: pki_module.DevPki) -> None:
+    _, created = pki_module.ensure_dev_pki(certs.directory, ("alice",), b"server only")
+    assert sorted(p.name for p in created) == ["alice.crt", "alice.key"]
+
+
+async def start_server(
+    certs: Path, state: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[trio.Process, int]:
+    """`chat-server` as the operator starts it; its port once it says it is ready."""
+    process = await trio.lowlevel.open_process(
+        [*SERVER, "--port", "0", "--certs-dir", str(certs), "--state-dir", str(state), *args],
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stderr is not None
+    output = ""
+    with trio.fail_after(30):
+        while not (ready := re.search(r"ready on https://127\.0\.0\.1:(\d+)", output)):
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, output
+            output += chunk.decode()
+    return process, int(ready.group(1))
+
+
+async def healthz_as(layout: pki_module.DevPki, port: int, name: str) -> int:
+    context = pki_module.client_ssl_context(*layout.client(name), layout.ca)
+    running = RunningServer(ChatServer.__new__(ChatServer), port)
+    return (await http_request(running, context, "GET", "/healthz")).status
+
+
+async def stop(process: trio.Process) -> None:
+    process.send_signal(signal.SIGTERM)
+    with trio.fail_after(15):
+        assert await process.wait() == 0
+
+
+async def test_the_server_serves_without_ca_key(tmp_path: Path) -> None:
+    layout, _ = pki_module.ensure_dev_pki(tmp_path / "certs", ("alice",))
+    layout.ca_key.unlink()
+    process, port = await start_server(layout.directory, tmp_path / "state")
+    try:
+        assert await healthz_as(layout, port, "alice") == 200
+    finally:
+        await stop(process)
+
+
+async def test_the_server_makes_dev_clients_with_an_encrypted_ca_key(tmp_path: Path) -> None:
+    layout = encrypted_certs(tmp_path / "certs", b"secret")
+    env = {**os.environ, "CHAT_TEST_PASSPHRASE": "secret"}
+    process, port = await start_server(
+        layout.directory, tmp_path / "state", "--passphrase-env", "CHAT_TEST_PASSPHRASE", env=env
+    )
+    try:
+        assert await healthz_as(layout, port, "bob") == 200
+    finally:
+        await stop(process)

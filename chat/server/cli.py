@@ -11,8 +11,10 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -30,7 +32,7 @@ from chat.protocol.policy import PolicyError
 from chat.protocol.tokens import TokenConfigError
 from chat.server.app import ChatServer
 from chat.server.config import DEFAULT_PORT, ConfigError, ServerConfig
-from chat.store.errors import StoreUnusable
+from chat.store.errors import StoreMissing, StoreUnusable
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
 
@@ -178,7 +180,9 @@ def _ensure_dev_certs(config: ServerConfig) -> None:
     """Quick start: with no explicit certificate paths, create dev material if it is missing."""
     if config.cert or config.key or config.ca:
         return
-    dev, created = pki.ensure_dev_pki(config.certs_dir, DEV_CLIENTS)
+    # The server key's passphrase also opens an encrypted ca.key (chat-certs init encrypts
+    # both with one) and encrypts a new server.key, which the server then loads with it.
+    dev, created = pki.ensure_dev_pki(config.certs_dir, DEV_CLIENTS, config.key_passphrase)
     if created:
         print(
             f"{PROG}: created development certificates in {dev.directory}/ "
@@ -221,8 +225,30 @@ def _print_hint(config: ServerConfig, port: int) -> None:
 # ---------------------------------------------------------------- state commands
 
 
+def _existing_state(args: argparse.Namespace) -> StateStore:
+    with _server_state(args.state_dir):
+        return StateStore.open(args.state_dir / "state.db", create=False)
+
+
+def _existing_keys(args: argparse.Namespace) -> KeyStore:
+    with _server_state(args.state_dir):
+        return KeyStore.open(args.state_dir / "keys", create=False)
+
+
+@contextmanager
+def _server_state(state_dir: Path) -> Iterator[None]:
+    """An operator command acts on a server's state: a directory without it is a mistake
+    (a typo, the wrong --state-dir), never a new empty state to act on."""
+    try:
+        yield
+    except StoreMissing as exc:
+        raise UsageError(
+            f"no server state in {state_dir} ({exc}); give the --state-dir the server uses"
+        ) from exc
+
+
 def _revoke(args: argparse.Namespace) -> int:
-    store = StateStore.open(args.state_dir / "state.db")
+    store = _existing_state(args)
     try:
         now = time.time()
         if args.sub:
@@ -240,7 +266,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _unrevoke(args: argparse.Namespace) -> int:
-    store = StateStore.open(args.state_dir / "state.db")
+    store = _existing_state(args)
     try:
         if not store.unrevoke_sub(args.sub):
             raise UsageError(f"identity '{args.sub}' is not revoked")
@@ -251,7 +277,7 @@ def _unrevoke(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    keys = KeyStore.open(args.state_dir / "keys")
+    keys = _existing_keys(args)
     if args.action == "rotate":
         print(
             f"new active signing key {keys.rotate(time.time())}; "

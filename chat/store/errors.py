@@ -13,6 +13,20 @@ class StoreUnusable(Exception):
     tools report it as one line (exit 2), never a traceback."""
 
 
+class StoreMissing(StoreUnusable):
+    """A store that must already exist does not: an operator command acts on the state a
+    server made, and making an empty one instead would report a success that did nothing."""
+
+
+def must_exist(path: Path) -> None:
+    """Raise `StoreMissing` when nothing is at `path` (an `OSError` for any other failure,
+    such as a parent that is a file)."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise StoreMissing(f"{path} does not exist") from None
+
+
 @contextmanager
 def opening(what: str, path: Path) -> Iterator[None]:
     """Turn a failure to open `what` at `path` into `StoreUnusable` naming both."""

@@ -46,7 +46,7 @@ from chat.protocol.tokens import (
     jwk_thumbprint,
     public_jwk,
 )
-from chat.store.errors import opening
+from chat.store.errors import must_exist, opening
 from chat.store.files import write_atomic
 
 RSA_KEY_BITS = 3072  # NIST SP 800-57: 128-bit security, matching P-256 and Ed25519
@@ -136,12 +136,15 @@ class KeyStore:
         self._seen_mtime: int | None = None  # the directory's mtime when `refresh` last read it
 
     @classmethod
-    def open(cls, directory: Path, algorithm: str = "ES256") -> KeyStore:
+    def open(cls, directory: Path, algorithm: str = "ES256", *, create: bool = True) -> KeyStore:
         """Open (or create) the key directory; creates the first key if there is none.
 
-        Raises `StoreUnusable` when the directory cannot be made or locked."""
+        Raises `StoreUnusable` when the directory cannot be made or locked, `StoreMissing`
+        when `create` is False and it holds no key index."""
         store = cls(directory, algorithm)
         with opening("the signing-key store", directory):
+            if not create:
+                must_exist(directory / INDEX_NAME)
             directory.mkdir(mode=KEY_DIR_MODE, parents=True, exist_ok=True)
             with store._mutex, store._locked(exclusive=True):
                 keys = store._read()

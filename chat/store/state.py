@@ -126,12 +126,13 @@ class StateStore:
         self._revocations = _NOTHING_LOADED
 
     @classmethod
-    def open(cls, path: Path) -> StateStore:
+    def open(cls, path: Path, *, create: bool = True) -> StateStore:
         """Open (or create) the state file in WAL mode with its schema; load the revocations.
 
-        Raises `StoreUnusable` when it cannot."""
+        Raises `StoreUnusable` when it cannot, `StoreMissing` when `create` is False and
+        there is no state file."""
         with opening("the token state", path):
-            db = open_private(path)
+            db = open_private(path, create=create)
             store = cls(db)
             with store._write():
                 for statement in _SCHEMA:
