@@ -238,15 +238,17 @@ async def read_all(stream: trio.abc.Stream) -> bytes:
 
 def check_answer(answer: bytes) -> int:
     """The server's bytes are one HTTP response; a refusal has the JSON shape. Its status."""
+    if answer.startswith(b"HTTP/1.1 101 "):  # switched: WebSocket bytes follow the head
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"\r\nsec-websocket-protocol: v1" in head and b"bearer" not in head, head
+        return 101
     client = h11.Connection(h11.CLIENT)
     client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
     client.send(h11.EndOfMessage())
     client.receive_data(answer)
     client.receive_data(b"")
     response = client.next_event()
-    assert isinstance(response, h11.InformationalResponse | h11.Response), answer[:200]
-    if response.status_code == 101:  # upgraded: WebSocket bytes follow
-        return 101
+    assert isinstance(response, h11.Response), answer[:200]
     body = bytearray()
     while isinstance(event := client.next_event(), h11.Data):
         body += event.data
@@ -344,4 +346,67 @@ async def test_token_routes_refuse_any_body_in_json(
             event(f"refresh {reply.status} {reply.json()['error']}")
             assert reply.status in (400, 401, 413), reply
             assert set(reply.json()) == {"error", "detail"}
+    no_traceback(caplog)
+
+
+WS_HEADER_VARIANTS: dict[str, list[str | None]] = {
+    "Host": ["chat.test", None, ""],
+    "Upgrade": ["websocket", "WebSocket", "websocket, h2c", "h2c", None],
+    "Connection": ["Upgrade", "keep-alive, Upgrade", "upgrade", "close", None],
+    "Sec-WebSocket-Key": ["dGhlIHNhbXBsZSBub25jZQ==", "short", "", "!!!!", None],
+    "Sec-WebSocket-Version": ["13", "8", "13, 8", "x", None],
+    "Sec-WebSocket-Protocol": ["v12.stomp, bearer.{token}", "bearer.{token}, v10.stomp",
+                               "bearer.{token}", "v12.stomp", None],
+    "Sec-WebSocket-Extensions": [None, "permessage-deflate", "permessage-deflate; x=1",
+                                 "x-unknown", ";;"],
+    "Origin": [None, "https://evil.test", "null"],
+}  # fmt: skip
+
+
+@st.composite
+def upgrade_heads(draw: st.DrawFn) -> bytes:
+    """A WebSocket opening handshake with a real token (filled in when sent) and each
+    header right, wrong or missing."""
+    headers = []
+    for name, values in WS_HEADER_VARIANTS.items():
+        value = draw(st.sampled_from(values)) if draw(st.integers(0, 2)) == 0 else values[0]
+        if value is not None:
+            headers.append(f"{name}: {value}")
+    method = draw(st.sampled_from(["GET", "GET", "GET", "POST"]))
+    target = draw(st.sampled_from(["/ws", "/ws", "/ws?x=1", "/WS"]))
+    head = "\r\n".join([f"{method} {target} HTTP/1.1", *headers, "", ""]).encode()
+    return draw(st.one_of(st.just(head), st.just(head), mutated(st.just(head))))
+
+
+@fuzz(20)
+@given(heads=st.lists(st.tuples(upgrade_heads(), st.booleans()), min_size=1, max_size=6))
+async def test_every_upgrade_is_switched_or_refused_in_json(
+    pki: TestPki,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    heads: list[tuple[bytes, bool]],
+) -> None:
+    """101, or a refusal (bad_handshake, unsupported_subprotocol, missing_token, 426 ...)
+    with its JSON body; a connection that switched and sends nothing ends at the connect
+    timeout; no traceback."""
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="chat")
+    results: list[tuple[bytes, float]] = []
+    async with below_tls_server(
+        pki, tmp_path, handshake_timeout=HEAD_DEADLINE, connect_timeout=5, close_timeout=2
+    ) as below:
+        token = await below.token("alice")
+
+        async def one(head: bytes, eof: bool) -> None:
+            results.append(await exchange(below, head.replace(b"{token}", token.encode()), eof))
+
+        async with trio.open_nursery() as nursery:
+            for head, eof in heads:
+                nursery.start_soon(one, head, eof)
+    for answer, took in results:
+        if answer:
+            event(f"status {check_answer(answer)}")
+        else:
+            assert took <= HEAD_DEADLINE + 5
     no_traceback(caplog)

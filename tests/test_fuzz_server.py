@@ -48,7 +48,7 @@ from chat.protocol.stomp import CLIENT_COMMANDS, SERVER_COMMANDS, Frame, FramePa
 from chat.protocol.stomp import encode as encode_frame
 from tests.conftest import RunningServer, TestPki, stomp_peer, token_for
 from tests.test_fuzz_http import below_tls_server, no_traceback
-from tests.test_fuzz_stomp import TRICKY_VALUES, fuzz, mutated, stomp_like
+from tests.test_fuzz_stomp import TRICKY_VALUES, fuzz, mutated, split, stomp_like
 
 TOPIC = "/topic/fuzz"
 CONNECT_TIMEOUT = 5.0
@@ -202,7 +202,46 @@ def session_frame(draw: st.DrawFn) -> bytes:
     try:
         return encode_frame(Frame(command, tuple(headers), body))
     except ValueError:  # a header CONNECT cannot carry unescaped: send it broken anyway
-        return b"\n".join([command.encode(), *(f"{n}:{v}".encode() for n, v in headers)])
+        lines = [command, *(f"{n}:{v}" for n, v in headers), "", ""]
+        return "\n".join(lines).encode("utf-8", "surrogatepass") + body + b"\0"
+
+
+TOKEN = "{token}"  # replaced by alice's real token when sent
+EPOCH = "{epoch}"  # replaced by the epoch of /topic/fuzz
+GOOD_VALUES = {
+    "destination": [TOPIC, TOPIC, "/topic/fuzz.*", "/topic/#", "/topic/other", "/user/alice",
+                    "/user/bob", "/presence/fuzz", "/session/token"],
+    "id": ["1", "2", "3"],
+    "receipt": ["r1", "r2", "r3", "r1"],
+    "since-offset": ["0", "1", "2", "3", "100"],
+    "last": ["0", "1", "3", "1000"],
+    "epoch": [EPOCH, EPOCH, "other"],
+    "content-type": ["text/plain", "application/octet-stream"],
+    "ack": ["auto", "client"],
+}  # fmt: skip
+
+
+@st.composite
+def good_frame(draw: st.DrawFn) -> bytes:
+    """A frame the session is likely to accept, so that a sequence of them gets far:
+    subscriptions with replays and resumes, unsubscriptions, sends (a real token to
+    /session/token among them), receipts, several frames per message."""
+    command = draw(st.sampled_from(["SUBSCRIBE", "SUBSCRIBE", "SEND", "SEND", "UNSUBSCRIBE"]))
+    if draw(st.integers(0, 9)) == 0:
+        command = draw(st.sampled_from(["DISCONNECT", "ACK", "BEGIN", "CONNECT"]))
+    names = draw(st.lists(st.sampled_from(HEADERS_OF[command]), unique=True))
+    required = {"SUBSCRIBE": ["destination", "id"], "SEND": ["destination"]}
+    names = [*required.get(command, []), *(n for n in names if n not in required.get(command, []))]
+    headers = []
+    for name in names:
+        if name == "content-length":
+            continue
+        good = st.sampled_from(GOOD_VALUES.get(name, ["x"]))
+        headers.append((name, draw(VALUES if draw(st.integers(0, 5)) == 0 else good)))
+    body = b""
+    if command == "SEND":
+        body = draw(st.sampled_from([b"hi", TOKEN.encode(), b"", b"x" * 3000]))
+    return encode_frame(Frame(command, tuple(headers), body))
 
 
 STOMP_PAYLOADS = st.one_of(
@@ -210,7 +249,8 @@ STOMP_PAYLOADS = st.one_of(
     mutated(session_frame()),
     mutated(stomp_like(tuple(sorted(CLIENT_COMMANDS)))),
     st.binary(max_size=64),
-    st.sampled_from([b"\n", b"\r\n", b"\0", b"SEND\ndestination:/topic/fuzz\n\n" + b"x" * 70_000]),
+    st.sampled_from([b"\n", b"\r\n", b"\0"]),
+    st.integers(65_000, 66_000).map(lambda n: b"SEND\ndestination:/topic/fuzz\n\n" + b"x" * n),
 )
 
 OPCODES = st.sampled_from([0x0, 0x1, 0x2, 0x8, 0x9, 0xA, 0x3, 0x7, 0xB, 0xF])
@@ -253,9 +293,17 @@ class Plan:
     kind: str  # "stomp": WebSocket messages of STOMP-like bytes; "ws": raw WebSocket frames
     connect_first: bool
     payloads: tuple[bytes, ...]
+    cuts: tuple[int, ...] = ()  # "stomp": the payloads joined, then cut into messages here
 
 
 PLANS = st.one_of(
+    st.builds(
+        Plan,
+        st.just("stomp"),
+        st.just(True),
+        st.lists(good_frame(), min_size=1, max_size=8).map(tuple),
+        st.lists(st.integers(min_value=0), max_size=4).map(tuple),
+    ),
     st.builds(
         Plan,
         st.just("stomp"),
@@ -271,11 +319,22 @@ PLANS = st.one_of(
 )
 
 
-async def run_plan(client: FuzzClient, plan: Plan) -> None:
+def messages(plan: Plan, token: str, epoch: str) -> list[bytes]:
+    """The payloads as sent: placeholders filled, re-cut into messages if the plan says."""
+    payloads = [
+        p.replace(TOKEN.encode(), token.encode()).replace(EPOCH.encode(), epoch.encode())
+        for p in plan.payloads
+    ]
+    if plan.kind != "stomp" or not plan.cuts:
+        return payloads
+    return [m for m in split(b"".join(payloads), list(plan.cuts)) if m]
+
+
+async def run_plan(client: FuzzClient, plan: Plan, token: str, epoch: str) -> None:
     """Send the plan, then wait for the server's answer; a session left open is closed by us."""
     if plan.connect_first:
         await client.write(client.message(CONNECT))
-    for payload in plan.payloads:
+    for payload in messages(plan, token, epoch):
         data = client.message(payload) if plan.kind == "stomp" else payload
         if not await client.write(data):
             break
@@ -351,12 +410,14 @@ async def test_fuzzed_connections_leave_the_server_and_a_subscriber_unharmed(
         token = await below.token("alice")
         async with below.stomp_peer("bob") as bob, below.stomp_peer("carol") as carol:
             await bob.send("SUBSCRIBE", {"destination": TOPIC, "id": "s", "receipt": "r"})
-            assert (await bob.receive()).command == "RECEIPT"
+            subscribed = await bob.receive()
+            assert subscribed.command == "RECEIPT", subscribed
+            epoch = subscribed.get("epoch") or ""
 
             async def fuzzed(plan: Plan) -> None:
                 client = FuzzClient(below.open_stream("alice"))
                 await client.upgrade(token)
-                await run_plan(client, plan)
+                await run_plan(client, plan, token, epoch)
 
             async with trio.open_nursery() as nursery:
                 for plan in plans:
