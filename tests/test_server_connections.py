@@ -24,7 +24,13 @@ from chat.server.admission import (
     Arrival,
     connections_within,
 )
-from chat.server.app import MAX_REQUEST_HEAD, REFUSAL_LINES, REFUSAL_WINDOW
+from chat.server.app import (
+    IDLE_SPREAD,
+    IDLE_TIMEOUT,
+    MAX_REQUEST_HEAD,
+    REFUSAL_LINES,
+    REFUSAL_WINDOW,
+)
 from chat.server.config import ConfigError
 from chat.server.refusals import LogRate
 from tests.below_tls import BelowTls
@@ -176,6 +182,18 @@ async def test_idle_sockets_are_held_up_to_max_connections(start_server, pki: Te
         assert server.server.admission.unfinished == 6
     for stream in silent:
         await stream.aclose()
+
+
+async def test_an_idle_socket_is_held_until_the_idle_timeout(start_server, mock_clock) -> None:
+    """The mock clock stands still unless jumped."""
+    server: RunningServer = await start_server(handshake_timeout=10)
+    silent = await silent_socket(server)
+    await until(lambda: server.server.admission.unfinished == 1)
+    mock_clock.jump(IDLE_TIMEOUT * (1 - IDLE_SPREAD) - 1)  # well past the handshake timeout
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.server.admission.unfinished == 1
+    mock_clock.jump(IDLE_TIMEOUT * IDLE_SPREAD + 1)
+    assert await is_closed(silent)
 
 
 async def test_beyond_max_connections_new_sockets_are_closed_at_once(
