@@ -149,6 +149,10 @@ class ChatServer:
     ) -> None:
         self.config = config
         self.clock = clock
+        # Every accepted socket, by the cancel scope of its handler (admission.py).
+        self.admission: Admission[trio.CancelScope] = Admission(
+            fit_file_limit(config.max_connections), config.max_handshakes
+        )
         self.tls = TlsContexts(config)
         self.keys = KeyStore.open(config.state_dir / "keys")
         trusted = [TrustedIssuer.from_jwks_file(path, iss) for path, iss in config.trusted_jwks]
@@ -179,10 +183,6 @@ class ChatServer:
             clock,
         )
         self.connections: set[Connection] = set()
-        # Every accepted socket, by the cancel scope of its handler (admission.py).
-        self.admission: Admission[trio.CancelScope] = Admission(
-            fit_file_limit(config.max_connections), config.max_handshakes
-        )
         self.identities = IdentitySlots(config.max_connections_per_identity)
         self._refusals = LogRate(REFUSAL_LINES, REFUSAL_WINDOW)
         self._stop = trio.Event()
