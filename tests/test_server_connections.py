@@ -22,6 +22,7 @@ from chat.server.admission import (
     MIN_CONNECTIONS,
     Admission,
     Arrival,
+    FileLimit,
     connections_within,
 )
 from chat.server.app import (
@@ -84,6 +85,18 @@ def test_connections_fit_the_file_limit() -> None:
     assert connections_within(1024, 10_000) == 1024 - FILE_RESERVE
     with pytest.raises(ConfigError, match="file limit"):
         connections_within(FILE_RESERVE + MIN_CONNECTIONS - 1, 10_000)
+
+
+def test_a_file_limit_too_low_for_max_connections_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="chat.server")
+    FileLimit(1024, 1024, 1024 - FILE_RESERVE).report(10_000)
+    assert caplog.messages == [
+        "file limit: 1024 open files",
+        f"--max-connections 10000 does not fit the file limit of 1024 open files: serving "
+        f"at most {1024 - FILE_RESERVE} connections (raise the limit with ulimit -n)",
+    ]
 
 
 def test_log_rate_holds_back_lines_beyond_its_limit_per_window() -> None:

@@ -125,9 +125,34 @@ def connections_within(file_limit: int, wanted: int) -> int:
     return min(wanted, room)
 
 
-def fit_file_limit(max_connections: int) -> int:
-    """Raise the soft file limit to the hard one, then the connections that fit under it
-    (a warning when that is fewer than `max_connections`)."""
+@dataclass(frozen=True, slots=True)
+class FileLimit:
+    """The soft file limit once raised (None: unlimited), what it was, and the connections
+    that fit under it."""
+
+    soft: int | None
+    was: int | None
+    connections: int
+
+    def report(self, max_connections: int) -> None:
+        """Log it once the server listens (not before: an error at start stays one line)."""
+        if self.soft is None:
+            log.info("file limit: unlimited")
+            return
+        raised = f" (raised from {self.was})" if self.was != self.soft else ""
+        log.info("file limit: %d open files%s", self.soft, raised)
+        if self.connections < max_connections:
+            log.warning(
+                "--max-connections %d does not fit the file limit of %d open files: serving "
+                "at most %d connections (raise the limit with ulimit -n)",
+                max_connections,
+                self.soft,
+                self.connections,
+            )
+
+
+def fit_file_limit(max_connections: int) -> FileLimit:
+    """Raise the soft file limit to the hard one, and fit `max_connections` under it."""
     was, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     soft = was
     if soft != hard:
@@ -137,17 +162,5 @@ def fit_file_limit(max_connections: int) -> int:
         except (ValueError, OSError):  # an unlimited hard limit can exceed the kernel's cap
             pass
     if soft == resource.RLIM_INFINITY:
-        log.info("file limit: unlimited")
-        return max_connections
-    raised = f" (raised from {was})" if soft != was else ""
-    log.info("file limit: %d open files%s", soft, raised)
-    fitted = connections_within(soft, max_connections)
-    if fitted < max_connections:
-        log.warning(
-            "--max-connections %d does not fit the file limit of %d open files: serving at "
-            "most %d connections (raise the limit with ulimit -n)",
-            max_connections,
-            soft,
-            fitted,
-        )
-    return fitted
+        return FileLimit(None, None, max_connections)
+    return FileLimit(soft, was, connections_within(soft, max_connections))

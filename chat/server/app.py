@@ -149,9 +149,10 @@ class ChatServer:
     ) -> None:
         self.config = config
         self.clock = clock
+        self.file_limit = fit_file_limit(config.max_connections)
         # Every accepted socket, by the cancel scope of its handler (admission.py).
         self.admission: Admission[trio.CancelScope] = Admission(
-            fit_file_limit(config.max_connections), config.max_handshakes
+            self.file_limit.connections, config.max_handshakes
         )
         self.tls = TlsContexts(config)
         self.keys = KeyStore.open(config.state_dir / "keys")
@@ -229,6 +230,7 @@ class ChatServer:
                 self.config.host,
                 port,
             )
+            self.file_limit.report(self.config.max_connections)
             task_status.started(port)
             async with trio.open_nursery() as acceptors:
                 for listener in bound:
