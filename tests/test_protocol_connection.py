@@ -608,3 +608,14 @@ def test_no_heartbeats_no_deadline() -> None:
     server.send(CONNECTED)
     server.data_sent(0.0)
     assert server.heartbeat == (0, 0) and server.next_deadline(0.0) is None
+
+
+def test_withheld_bytes_count_as_heard_when_taken() -> None:
+    """A server throttling its peer leaves its bytes unread: no silence until it reads again."""
+    server = connected_server()
+    server.data_received(1.0)
+    assert server.silence_deadline() == 3.0  # expects a beat every 1 s: silent after 2 s
+    server.data_withheld(10.0)  # the reader waits until 10 s before taking more
+    assert server.silence_deadline() == 12.0
+    server.data_withheld(5.0)  # never earlier than already heard
+    assert server.silence_deadline() == 12.0

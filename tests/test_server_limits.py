@@ -17,8 +17,10 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 from wsproto.frame_protocol import CloseReason
 
 from chat.protocol import events
+from chat.protocol.stomp import Frame, encode
 from chat.protocol.tokens import Claims, TokenAuthority
 from chat.server.connection import GUARD_TICK, guard_wake
+from chat.server.rate import TokenBucket
 from chat.server.session import SessionLimits, Shared, StompSession
 from tests.below_tls import BelowTls
 from tests.test_server_policy import (
@@ -237,3 +239,88 @@ async def test_heartbeats_wake_the_guard_once_per_beat(start_below_tls, autojump
         trio.lowlevel.remove_instrument(steps)
     assert beats >= 99  # one every 10 s (the 100th falls on the edge)
     assert steps.steps <= beats + 2
+
+
+# ---------------------------------------------------------------- publish rate per connection
+
+
+def test_a_full_bucket_allows_a_burst_then_the_rate() -> None:
+    bucket = TokenBucket(rate=10.0, burst=5, now=0.0)
+    assert [bucket.reserve(0.0) for _ in range(5)] == [0.0] * 5
+    assert [bucket.reserve(0.0) for _ in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_a_caller_that_waits_gets_exactly_the_rate() -> None:
+    """Acting at each reserved time (the connection's reader): 20 past the burst at 10/s."""
+    bucket = TokenBucket(rate=10.0, burst=5, now=0.0)
+    now = 0.0
+    for _ in range(25):
+        now = bucket.reserve(now)
+    assert now == pytest.approx(2.0)
+
+
+def test_the_bucket_refills_while_idle_up_to_the_burst() -> None:
+    bucket = TokenBucket(rate=2.0, burst=3, now=0.0)
+    for _ in range(3):
+        bucket.reserve(0.0)
+    assert bucket.reserve(1.0) == 1.0  # two tokens came back in 1 s
+    assert bucket.reserve(1.0) == 1.0
+    assert bucket.reserve(1.0) == 1.5
+    assert [bucket.reserve(100.0) for _ in range(4)] == [100.0, 100.0, 100.0, 100.5]
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0.0, 1), (-1.0, 1), (1.0, 0)])
+def test_a_bucket_needs_a_rate_and_a_burst(rate: float, burst: int) -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(rate, burst, 0.0)
+
+
+async def test_a_fast_publisher_is_slowed_never_dropped(start_below_tls, autojump_clock) -> None:
+    """60 SENDs at once against 10/s with bursts of 10: every one is delivered, the last after
+    5 s; the publisher gets its RECEIPT, and another publisher's message overtakes."""
+    below: BelowTls = await start_below_tls(publish_rate=10.0, publish_burst=10)
+    async with (
+        below.stomp_peer("bob") as bob,
+        below.stomp_peer("alice") as alice,
+        below.stomp_peer("carol") as carol,
+    ):
+        await bob.send("SUBSCRIBE", {"destination": "/topic/room", "id": "0", "receipt": "s"})
+        assert (await bob.receive()).get("receipt-id") == "s"
+        start = trio.current_time()
+        for n in range(60):
+            await alice.send("SEND", {"destination": "/topic/room", "receipt": f"a{n}"}, b"%d" % n)
+        await trio.sleep(1)
+        await carol.send("SEND", {"destination": "/topic/room"}, b"carol")
+        received = []
+        while len(received) < 61:
+            received.append(((await bob.receive(10)).body, trio.current_time() - start))
+        bodies = [body for body, _ in received]
+        assert sorted(bodies) == sorted([b"%d" % n for n in range(60)] + [b"carol"])
+        assert bodies.index(b"carol") < 30  # not behind alice's backlog
+        assert received[-1][1] == pytest.approx(5.0)  # 50 past the burst, at 10/s
+        receipts = [(await alice.receive()).get("receipt-id") for _ in range(60)]
+        assert receipts == [f"a{n}" for n in range(60)]
+
+
+async def test_a_throttled_publisher_is_not_silent(start_below_tls, autojump_clock) -> None:
+    """Its heart-beats sit behind SENDs the server has not taken yet: waiting for the publish
+    rate is ours, so it is not the peer's silence (a beat every 2 s, 20 SENDs at 1/s)."""
+    below: BelowTls = await start_below_tls(publish_rate=1.0, publish_burst=1, heartbeat=(0, 2000))
+    async with below.stomp_peer("bob") as bob, below.stomp_peer("alice", "2000,0") as alice:
+        await bob.send("SUBSCRIBE", {"destination": "/topic/room", "id": "0", "receipt": "s"})
+        assert (await bob.receive()).get("receipt-id") == "s"
+        async with trio.open_nursery() as nursery:
+
+            async def beat() -> None:
+                while True:
+                    await trio.sleep(2)
+                    await alice.ws.send_message("\n")
+
+            nursery.start_soon(beat)
+            sends = [Frame("SEND", (("destination", "/topic/room"),), b"%d" % n) for n in range(20)]
+            await alice.ws.send_message(b"".join(map(encode, sends)))  # read at once, taken in 19 s
+            bodies = [(await bob.receive(30)).body for _ in range(20)]
+            assert bodies == [b"%d" % n for n in range(20)]
+            await alice.send("SEND", {"destination": "/topic/room", "receipt": "alive"})
+            assert (await alice.receive(30)).get("receipt-id") == "alive"
+            nursery.cancel_scope.cancel()

@@ -291,6 +291,11 @@ class StompConnection:
         """Record that the peer was heard outside STOMP (a WebSocket ping, say)."""
         self._last_received = now
 
+    def data_withheld(self, until: float) -> None:
+        """We leave the peer's bytes unread until `until` (throttling it): what it sent
+        meanwhile, heart-beats included, counts as heard then, so it is not silent for it."""
+        self._last_received = max(until, self._last_received or until)
+
     # ------------------------------------------------------------ heart-beats
 
     @property

@@ -4,7 +4,9 @@
 How this works: the connection's nursery runs three tasks. The reader feeds wsproto and the
 StompConnection (server role: the protocol, chat.protocol), hands each event to the session
 (the policy, which never awaits) and sends its answers back through the StompConnection, so
-pings and closes are always answered. Fan-out bytes come pre-encoded from the broker straight
+pings and closes are always answered. Only a publisher over its publish rate waits, by design:
+the reader waits before acting on its next SEND, reading nothing meanwhile, so TCP flow control
+slows it down and nothing is dropped. Fan-out bytes come pre-encoded from the broker straight
 into the outbox. The writer drains the `Outbox`, coalescing whatever is pending into one
 `send_all`, and after each one lets the session page in more of any replay (so a replay of any
 size fits the bounded outbox, PROTOCOL.md §11). The guard sleeps until the next thing due
@@ -32,6 +34,7 @@ from chat.protocol import events
 from chat.protocol.connection import ConnectionLimits, Role, State, StompConnection
 from chat.protocol.errors import CloseCode, PolicyViolation, StompProtocolError
 from chat.protocol.stomp import Frame, FrameParser
+from chat.server.rate import TokenBucket
 from chat.server.session import StompSession
 from chat.wsframes import data_frame
 
@@ -135,6 +138,12 @@ class Connection:
         self._ending: Ending | None = None
         self._connected = trio.Event()
         self._scope: trio.CancelScope | None = None
+        limits = session.limits
+        self._publish_rate = (  # SENDs per second, PROTOCOL.md §12; 0: no limit
+            TokenBucket(limits.publish_rate, limits.publish_burst, trio.current_time())
+            if limits.publish_rate
+            else None
+        )
 
     def end(self, ending: Ending) -> None:
         """Stop the connection for `ending`; the first reason wins."""
@@ -177,7 +186,7 @@ class Connection:
             if data:
                 self._protocol.data_received(trio.current_time())  # pings count as life too
                 self._ws.receive_data(data)
-                if self._handle_events():
+                if await self._handle_events():
                     return
             try:
                 data = bytes(await self._stream.receive_some(RECEIVE_BYTES))
@@ -187,12 +196,12 @@ class Connection:
                 self.end(Ending(CloseCode.PROTOCOL_ERROR, "peer vanished"))
                 return
 
-    def _handle_events(self) -> bool:
+    async def _handle_events(self) -> bool:
         for event in self._ws.events():
             if isinstance(event, TextMessage):
-                done = self._feed(event.data.encode("utf-8"))
+                done = await self._feed(event.data.encode("utf-8"))
             elif isinstance(event, BytesMessage):
-                done = self._feed(bytes(event.data))
+                done = await self._feed(bytes(event.data))
             elif isinstance(event, Ping):
                 self._outbox.push(self._ws.send(event.response()))
                 done = False
@@ -214,7 +223,7 @@ class Connection:
             )
         return Ending(event.code, "peer closed", peer_close=event)
 
-    def _feed(self, data: bytes) -> bool:
+    async def _feed(self, data: bytes) -> bool:
         """Act on every frame `data` completes; True once the connection is ending."""
         self._protocol.receive_data(data, trio.current_time())
         while True:
@@ -226,6 +235,8 @@ class Connection:
                 return True
             if event is None:
                 return False
+            if self._publish_rate is not None and isinstance(event, events.Send):
+                await self._pace(self._publish_rate)
             try:
                 disconnect = self._act(event)
             except StompProtocolError as error:
@@ -236,6 +247,14 @@ class Connection:
                 return True
             if self._protocol.state is State.CONNECTED:
                 self._connected.set()
+
+    async def _pace(self, bucket: TokenBucket) -> None:
+        """Wait until the publish rate allows one more SEND: meanwhile nothing more is read,
+        so TCP flow control slows the peer down; nothing is refused or dropped."""
+        at = bucket.reserve(trio.current_time())
+        if at > trio.current_time():
+            self._protocol.data_withheld(at)
+            await trio.sleep_until(at)
 
     def _act(self, event: events.Event) -> bool:
         """The session's answer to `event`, sent through the protocol; True: disconnect."""

@@ -236,6 +236,10 @@ class StompSession:
     def identity(self) -> str:
         return self.claims.sub
 
+    @property
+    def limits(self) -> SessionLimits:
+        return self._limits
+
     def handle(self, event: events.Event) -> Acted:
         """Act on one of the client's frames, as the protocol let it through; the answer."""
         return self._handlers[type(event)](event)
