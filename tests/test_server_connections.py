@@ -63,15 +63,16 @@ def test_admission_sheds_the_oldest_handshake_in_progress() -> None:
     assert admission.started("e") == ()
 
 
-def test_admission_sheds_unfinished_sockets_before_refusing_newcomers() -> None:
+def test_admission_sheds_idle_sockets_first_and_refuses_only_when_all_are_established() -> None:
     admission: Admission[str] = Admission(max_connections=3, max_handshakes=2)
     admission.arrive("a")
     admission.opened("a")
     admission.arrive("b")  # idle
     admission.arrive("c")
     admission.started("c")
-    assert admission.arrive("d") == Arrival(admitted=True, shed=("b",))  # the oldest first
-    assert admission.arrive("e") == Arrival(admitted=True, shed=("c",))
+    assert admission.arrive("d") == Arrival(admitted=True, shed=("b",))  # idle first
+    admission.started("d")
+    assert admission.arrive("e") == Arrival(admitted=True, shed=("c",))  # then the oldest
     admission.opened("d")
     admission.opened("e")
     assert admission.arrive("f") == Arrival(admitted=False)  # every one is established

@@ -1,17 +1,18 @@
 """Which connections the server holds: a bound on all of them and on handshakes in progress.
 
-How this works: every accepted socket `arrive`s with a handle (the shell's cancel scope)
-and is unfinished until `opened` (TLS done and the request head read), then a connection
-until it has `left`. An unfinished socket that has sent nothing yet costs the server one
-file and an idle task; once it has `started` (its first bytes: a TLS handshake or a request
-head in progress) it costs TLS state, so handshakes in progress have their own, smaller
-bound. Idle sockets held against the port (PROTOCOL.md §12) must not keep healthy clients
-out, so a newcomer is never the one refused while some socket is unfinished: beyond
-`max_connections` the oldest unfinished socket is shed, beyond `max_handshakes` the oldest
-handshake in progress (their handles are returned for the shell to close). Only when every
-connection is past its handshake is a newcomer refused. Holding idle sockets rather than
-shedding them at once matters: each one shed is re-opened by a persistent attacker, and
-the kernel's accept queue then fills with them, ahead of the healthy clients.
+How this works: every accepted socket `arrive`s with a handle (the shell's ticket: its
+handler's cancel scope and its file) and is unfinished until `opened` (TLS done and the
+request head read), then a connection until it has `left`. An unfinished socket that has
+sent nothing yet costs the server one file and an idle task; once it has `started` (its
+first bytes: a TLS handshake or a request head in progress) it costs TLS state, so
+handshakes in progress have their own, smaller bound. Idle sockets held against the port
+(PROTOCOL.md §12) must not keep healthy clients out, so a newcomer is never the one
+refused while some socket is unfinished: at `max_connections` the oldest idle socket is
+shed for it (else the oldest handshake in progress), beyond `max_handshakes` the oldest
+handshake in progress (their handles are returned for the shell to close). Only when
+every connection is past its handshake is a newcomer refused. Holding idle sockets rather
+than shedding them at once matters: each one shed is re-opened by a persistent attacker,
+and the kernel's accept queue then fills with them, ahead of the healthy clients.
 
 The number of connections is also bounded by the process's file limit: `fit_file_limit`
 raises the soft limit to the hard one and says how many connections fit beside the files
@@ -48,15 +49,15 @@ class Arrival(Generic[H]):
 
 
 class Admission(Generic[H]):
-    """Counts connections, unfinished ones and handshakes in progress (each oldest first),
-    and picks what to shed."""
+    """Counts connections, idle ones and handshakes in progress (each oldest first), and
+    picks what to shed."""
 
     def __init__(self, max_connections: int, max_handshakes: int) -> None:
         self.max_connections = max_connections
         self.max_handshakes = max_handshakes
         self._connections: set[H] = set()
-        self._unfinished: OrderedDict[H, None] = OrderedDict()  # arrival order
-        self._handshakes: OrderedDict[H, None] = OrderedDict()  # order of their first bytes
+        self._idle: OrderedDict[H, None] = OrderedDict()  # arrived, nothing sent yet
+        self._handshakes: OrderedDict[H, None] = OrderedDict()  # in the order they started
 
     @property
     def connections(self) -> int:
@@ -65,7 +66,7 @@ class Admission(Generic[H]):
 
     @property
     def unfinished(self) -> int:
-        return len(self._unfinished)
+        return len(self._idle) + len(self._handshakes)
 
     @property
     def handshakes(self) -> int:
@@ -73,23 +74,25 @@ class Admission(Generic[H]):
         return len(self._handshakes)
 
     def arrive(self, handle: H) -> Arrival[H]:
-        """A socket was accepted: admit it, shedding the oldest unfinished one if the
-        connections are beyond their bound, or refuse it when every one is established."""
-        if len(self._connections) >= self.max_connections and not self._unfinished:
-            return Arrival(admitted=False)
+        """A socket was accepted: admit it, shedding the oldest unfinished one (an idle one
+        first: it has shown no sign of life) if the connections are at their bound, or
+        refuse it when every one is established."""
+        shed: tuple[H, ...] = ()
+        if len(self._connections) >= self.max_connections:
+            oldest = self._idle or self._handshakes
+            if not oldest:
+                return Arrival(admitted=False)
+            shed = (self._forget(next(iter(oldest))),)
         self._connections.add(handle)
-        self._unfinished[handle] = None
-        shed: list[H] = []
-        while len(self._connections) > self.max_connections:
-            oldest, _ = self._unfinished.popitem(last=False)
-            shed.append(self._forget(oldest))
-        return Arrival(admitted=True, shed=tuple(shed))
+        self._idle[handle] = None
+        return Arrival(admitted=True, shed=shed)
 
     def started(self, handle: H) -> tuple[H, ...]:
         """Its first bytes arrived: a handshake in progress. Returns the older ones shed
         to stay within `max_handshakes`."""
-        if handle not in self._unfinished:  # shed already
+        if handle not in self._idle:  # shed already
             return ()
+        del self._idle[handle]
         self._handshakes[handle] = None
         shed: list[H] = []
         while len(self._handshakes) > self.max_handshakes:
@@ -99,7 +102,7 @@ class Admission(Generic[H]):
 
     def opened(self, handle: H) -> None:
         """Its handshake and request head are done: no longer one to shed."""
-        self._unfinished.pop(handle, None)
+        self._idle.pop(handle, None)
         self._handshakes.pop(handle, None)
 
     def left(self, handle: H) -> None:
@@ -108,7 +111,7 @@ class Admission(Generic[H]):
 
     def _forget(self, handle: H) -> H:
         self._connections.discard(handle)
-        self._unfinished.pop(handle, None)
+        self._idle.pop(handle, None)
         self._handshakes.pop(handle, None)
         return handle
 

@@ -92,6 +92,23 @@ class RequestHeadTooLarge(HttpRefusal):
     code = "request_head_too_large"
 
 
+class Ticket:
+    """A connection's place in `Admission`. Shedding it cancels its handler and, for a
+    socket, closes the file at once: the handler may run only after many more arrivals,
+    and the file limit must hold meanwhile."""
+
+    __slots__ = ("_release", "scope")
+
+    def __init__(self, release: Callable[[], None] | None = None) -> None:
+        self.scope = trio.CancelScope()
+        self._release = release
+
+    def shed(self) -> None:
+        self.scope.cancel()
+        if self._release is not None:
+            self._release()
+
+
 class TlsContexts:
     """The SSL context, rebuilt when the CRL file changes (a revoked cert fails at once)."""
 
@@ -150,8 +167,7 @@ class ChatServer:
         self.config = config
         self.clock = clock
         self.file_limit = fit_file_limit(config.max_connections)
-        # Every accepted socket, by the cancel scope of its handler (admission.py).
-        self.admission: Admission[trio.CancelScope] = Admission(
+        self.admission: Admission[Ticket] = Admission(
             self.file_limit.connections, config.max_handshakes
         )
         self.tls = TlsContexts(config)
@@ -359,14 +375,27 @@ class ChatServer:
                     await trio.lowlevel.wait_readable(sock)
                     try:
                         for conn in _accept_batch(sock):
-                            stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-                            handlers.start_soon(self._handle, stream)
+                            self._arrive_socket(trio.socket.from_stdlib_socket(conn), handlers)
                     except OSError as exc:  # out of files or memory: FILE_RESERVE was not enough
                         log.error("cannot accept connections: %s", exc.strerror)
                         await trio.sleep(ACCEPT_PAUSE)
 
-    async def _handle(self, raw: trio.SocketStream) -> None:
-        await self._admitted(raw, partial(self._serve_tls, raw))
+    def _arrive_socket(self, sock: trio.socket.SocketType, handlers: trio.Nursery) -> None:
+        """Admit (or close) a socket as it is accepted, so that the files held never exceed
+        the bound even while the handlers of a whole batch have yet to run."""
+        ticket = Ticket(sock.close)
+        if not self._arrive(ticket):
+            log.debug("connection refused: %d connections", self.admission.connections)
+            sock.close()
+            return
+        raw = trio.SocketStream(sock)
+        handlers.start_soon(self._admitted, raw, partial(self._serve_tls, raw), ticket)
+
+    def _arrive(self, ticket: Ticket) -> bool:
+        arrival = self.admission.arrive(ticket)
+        for shed in arrival.shed:
+            shed.shed()
+        return arrival.admitted
 
     async def serve_stream(
         self, stream: trio.abc.Stream, peer: Peer, head_deadline: float | None = None
@@ -376,26 +405,23 @@ class ChatServer:
         connection. `peer` is who the handshake established. An internal error ends only
         this connection: it is logged, not raised."""
 
-        async def serve(ticket: trio.CancelScope) -> None:
+        async def serve(ticket: Ticket) -> None:
             self._start(ticket)  # the stream is open: its request head is under way
             await self._serve_stream(stream, peer, head_deadline, ticket)
 
-        await self._admitted(stream, serve)
+        ticket = Ticket()
+        if self._arrive(ticket):
+            await self._admitted(stream, serve, ticket)
+        else:
+            await trio.aclose_forcefully(stream)
 
     async def _admitted(
-        self, stream: trio.abc.Stream, serve: Callable[[trio.CancelScope], Awaitable[None]]
+        self, stream: trio.abc.Stream, serve: Callable[[Ticket], Awaitable[None]], ticket: Ticket
     ) -> None:
-        """Serve one connection within the admission bounds: refused when every slot is
-        an established connection; cancelled if shed while it is unfinished.
-        The one boundary where a bug in handling one connection stops at that connection."""
-        with trio.CancelScope() as ticket:
-            arrival = self.admission.arrive(ticket)
-            for shed in arrival.shed:
-                shed.cancel()
-            if not arrival.admitted:
-                log.debug("connection refused: %d connections", self.admission.connections)
-                await trio.aclose_forcefully(stream)
-                return
+        """Serve one admitted connection (cancelled if shed while it is unfinished), then
+        leave. The one boundary where a bug in handling one connection stops at that
+        connection."""
+        with ticket.scope:
             try:
                 await serve(ticket)
             except Exception:
@@ -404,11 +430,11 @@ class ChatServer:
                 await trio.aclose_forcefully(stream)
                 self.admission.left(ticket)
 
-    def _start(self, ticket: trio.CancelScope) -> None:
+    def _start(self, ticket: Ticket) -> None:
         for shed in self.admission.started(ticket):
-            shed.cancel()
+            shed.shed()
 
-    async def _serve_tls(self, raw: trio.SocketStream, ticket: trio.CancelScope) -> None:
+    async def _serve_tls(self, raw: trio.SocketStream, ticket: Ticket) -> None:
         try:
             with trio.fail_after(IDLE_TIMEOUT * (1 - IDLE_SPREAD * random.random())):
                 await trio.lowlevel.wait_readable(raw.socket)  # idle, it costs no TLS state
@@ -437,7 +463,7 @@ class ChatServer:
         stream: trio.abc.Stream,
         peer: Peer,
         head_deadline: float | None,
-        ticket: trio.CancelScope,
+        ticket: Ticket,
     ) -> None:
         if head_deadline is None:
             head_deadline = trio.current_time() + self.config.handshake_timeout
