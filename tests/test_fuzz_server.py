@@ -172,7 +172,20 @@ VALUES = st.one_of(
 HEADERS_OF = {
     "CONNECT": ["accept-version", "host", "heart-beat", "login"],
     "STOMP": ["accept-version", "host", "heart-beat"],
-    "SEND": ["destination", "receipt", "content-type", "content-length", "to", "sender"],
+    "SEND": [
+        "destination",
+        "receipt",
+        "content-type",
+        "content-length",
+        "to",
+        "sender",
+        "message-id",
+        "subscription",
+        "timestamp",
+        "offset",
+        "epoch",
+        "x-custom",
+    ],
     "SUBSCRIBE": ["destination", "id", "ack", "since-offset", "last", "epoch", "receipt"],
     "UNSUBSCRIBE": ["id", "receipt"],
     "DISCONNECT": ["receipt"],
@@ -383,11 +396,28 @@ async def publish(carol, numbers: range) -> list[bytes]:  # type: ignore[no-unty
     return bodies
 
 
+# Headers the server sets on every MESSAGE, exactly once, whatever the SEND carried (§4, §8).
+SERVER_SET = ("destination", "message-id", "subscription", "content-type", "content-length",
+              "sender", "timestamp", "offset", "epoch")  # fmt: skip
+
+
 async def received_from_carol(bob, count: int) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """The bodies of carol's next `count` messages to bob. Every MESSAGE on the way (alice's
+    fuzzed sends too) has the server's headers exactly once, a sender nobody forged, and the
+    next offset: no gap, no duplicate."""
     bodies = []
+    offset = None
     while len(bodies) < count:
         frame = await bob.receive(timeout=30)
         assert frame.command == "MESSAGE", frame
+        names = [name for name, _ in frame.headers]
+        assert all(names.count(name) == 1 for name in SERVER_SET), frame
+        assert frame.get("sender") in ("alice", "carol"), frame
+        assert (frame.get("destination"), frame.get("subscription")) == (TOPIC, "s"), frame
+        assert frame.get("content-length") == str(len(frame.body)), frame
+        if offset is not None:
+            assert frame.get("offset") == str(offset + 1), (offset, frame)
+        offset = int(frame.get("offset"))
         if frame.get("sender") == "carol":
             bodies.append(frame.body)
     return bodies
