@@ -47,6 +47,7 @@ from wsproto.events import (
 from chat.client.connection import StompClient
 from chat.protocol.stomp import CLIENT_COMMANDS, SERVER_COMMANDS, Frame, FrameParser, Limits
 from chat.protocol.stomp import encode as encode_frame
+from chat.protocol.wire import TEXT_PLAIN
 from tests.conftest import RunningServer, TestPki, stomp_peer, token_for
 from tests.test_fuzz_http import below_tls_server, no_traceback
 from tests.test_fuzz_stomp import TRICKY_VALUES, fuzz, mutated, split, stomp_like
@@ -524,3 +525,71 @@ async def test_fuzzed_frames_over_real_tls(
         message = await bob.receive()
         assert (message.get("sender"), message.body) == ("carol", b"still here"), message
     no_traceback(caplog)
+
+
+# ---------------------------------------------------------------- the largest SEND the server takes
+
+LARGEST_SENDS = [
+    pytest.param({}, 0, id="default-limits"),
+    pytest.param(
+        {"max_frame_bytes": 1 << 20, "outbound_buffer_bytes": 4 << 20},
+        0,
+        id="max-frame-bytes-1MiB",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="client CLIENT_LIMITS (256 KiB) is below what --max-frame-bytes lets a SEND be",
+        ),
+    ),
+    pytest.param(
+        {"max_headers": 200},
+        150,
+        id="max-headers-200",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="client CLIENT_LIMITS (64 headers) is below what --max-headers lets a SEND have",
+        ),
+    ),
+]
+
+
+def largest_body(limit: int, headers: list[tuple[str, str]]) -> int:
+    """The body size that makes the client library's SEND exactly `limit` bytes."""
+
+    def head(size: int) -> int:
+        own = (
+            ("destination", "/topic/big"),
+            ("content-type", TEXT_PLAIN),
+            ("content-length", str(size)),
+            *headers,
+            ("receipt", "r-1"),  # the client's first request on its connection
+        )
+        return len(encode_frame(Frame("SEND", own))) - 1
+
+    size = limit - head(limit)
+    while head(size + 1) + size + 1 <= limit:
+        size += 1
+    return size
+
+
+@pytest.mark.parametrize(("config", "extra_headers"), LARGEST_SENDS)
+async def test_the_largest_send_allowed_reaches_a_client_library_subscriber(
+    pki: TestPki,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    config: dict[str, int],
+    extra_headers: int,
+) -> None:
+    """What the fuzz found at the edge: a MESSAGE is its SEND plus the server's headers, so a
+    SEND at the server's limits makes a MESSAGE over them. Whatever the server accepts must
+    still reach a subscriber using the client library, or one sender breaks every
+    subscriber's connection."""
+    async with below_tls_server(pki, tmp_path, **config) as below:
+        limits = below.server.config
+        headers = [(f"x-{n}", "v") for n in range(extra_headers)]
+        body = b"x" * largest_body(limits.max_frame_bytes, headers)
+        async with below.client("bob") as bob, below.client("alice") as alice:
+            await bob.subscribe("/topic/big")
+            await alice.send("/topic/big", body, headers=headers)
+            with trio.fail_after(10):
+                message = await bob.receive()
+            assert message.body == body
