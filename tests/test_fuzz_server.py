@@ -460,7 +460,8 @@ async def test_fuzzed_connections_leave_the_server_and_a_subscriber_unharmed(
 
             async def fuzzed(plan: Plan) -> None:
                 client = FuzzClient(below.open_stream("alice"))
-                await client.upgrade(token)
+                with trio.fail_after(CONNECT_TIMEOUT):  # the upgrade is answered at once
+                    await client.upgrade(token)
                 await run_plan(client, plan, token, epoch)
 
             async with trio.open_nursery() as nursery:
@@ -508,7 +509,8 @@ async def test_fuzzed_frames_over_real_tls(
                 "127.0.0.1", server.port, ssl_context=pki.client_context("alice")
             )
             client = FuzzClient(stream)
-            await client.upgrade(token)
+            with trio.fail_after(5):
+                await client.upgrade(token)
             await client.write(client.message(CONNECT))
             await client.write(client.message(data) if kind == "stomp" else data)
             with trio.fail_after(5):
