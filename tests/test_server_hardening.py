@@ -12,7 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,15 @@ from chat.server.upgrade import authorize
 from chat.store.keys import KeyStore
 from chat.store.state import MAX_SPENT_KEPT, StateStore
 from tests.below_tls import InlineLane
-from tests.conftest import RunningServer, TestPki, http_request
+from tests.conftest import (
+    RunningServer,
+    StompPeer,
+    TestPki,
+    http_request,
+    raw_ws,
+    stomp_peer,
+    token_for,
+)
 
 SERVER = [sys.executable, "-m", "chat.server.cli"]
 
@@ -711,3 +720,38 @@ async def test_the_server_makes_dev_clients_with_an_encrypted_ca_key(tmp_path: P
         assert await healthz_as(layout, port, "bob") == 200
     finally:
         await stop(process)
+
+
+# ---------------------------------------------------------------- 4. over real TLS: live sessions
+
+
+async def test_revoke_then_unrevoke_still_closes_the_live_session_and_refuses_its_token(
+    start_server: Callable[..., Awaitable[RunningServer]], pki: TestPki
+) -> None:
+    server = await start_server(revocation_poll=0.1)
+    token = await token_for(server, pki, "alice")
+    async with (
+        raw_ws(server, pki, "alice", token=token) as ws,
+        stomp_peer(server, pki, "bob") as bob,
+    ):
+        alice = StompPeer(ws)
+        await alice.connect()
+        # `chat-server revoke` then `unrevoke` in another process, both before the next poll.
+        operator = StateStore.open(server.config.state_dir / "state.db")
+        operator.revoke_sub("alice", time.time())
+        operator.unrevoke_sub("alice")
+        operator.close()
+        with trio.fail_after(2):
+            frame = await alice.receive(2)
+        assert (frame.command, frame.get("message")) == ("ERROR", "token revoked")
+        await bob.send("SEND", {"destination": "/topic/x", "receipt": "bob-ok"})
+        assert (await bob.receive()).get("receipt-id") == "bob-ok"
+    upgrade = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Protocol", f"v12.stomp, bearer.{token}"),
+    ]
+    reply = await http_request(server, pki.client_context("alice"), "GET", "/ws", upgrade)
+    assert (reply.status, reply.json()["error"]) == (401, "token_revoked")
