@@ -56,9 +56,13 @@ there if none exist. Serving is the default command: the options below need no '
 SERVE_HELP = "run the server (the default command; takes the options below)"
 REVOKE_HELP = (
     "Revoke an identity (every token of it, and block new ones) or one access token. Live "
-    "connections close within seconds, also when the server runs in another process."
+    "connections close within seconds, also when the server runs in another process. "
+    "Acts on the state of a server that has run with this --state-dir, never a new one."
 )
-UNREVOKE_HELP = "Lift an identity block set by 'revoke --sub'."
+UNREVOKE_HELP = (
+    "Lift an identity block set by 'revoke --sub': it may get new tokens again, while its "
+    "tokens issued up to the revocation stay refused, and so do its refresh tokens."
+)
 KEYS_HELP = (
     "Manage token signing keys. 'rotate' makes a new active key (a running server picks it "
     "up for new tokens); old keys keep verifying until their tokens have expired. 'list' "

@@ -4,7 +4,10 @@ The listener parses requests with h11 and hands them here with the peer's certif
 identity; this module does no network I/O. The token routes spend and issue refresh tokens in
 the state database, which blocks (another process may hold its write lock for seconds): they
 await it in the state store's `Lane`, so the event loop and every other connection go on
-meanwhile. JWKS is served from the signing keys in memory.
+meanwhile. Before that, each identity's token requests (both routes, one bucket) pass a rate
+limit (PROTOCOL.md §12), and a refresh body must be exactly `{"refresh_token": "<string>"}`:
+whatever else arrives is refused with its reason, never a traceback. JWKS is served from the
+signing keys in memory.
 """
 
 from __future__ import annotations
