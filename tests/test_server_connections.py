@@ -79,6 +79,7 @@ def test_admission_sheds_idle_sockets_first_and_refuses_only_when_all_are_establ
     admission.left("a")
     assert admission.arrive("f").admitted
     assert admission.connections == 3
+    assert (admission.shed_total, admission.refused_total) == (2, 1)  # for the summary line
 
 
 def test_connections_fit_the_file_limit() -> None:

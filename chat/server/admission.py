@@ -58,6 +58,8 @@ class Admission(Generic[H]):
         self._connections: set[H] = set()
         self._idle: OrderedDict[H, None] = OrderedDict()  # arrived, nothing sent yet
         self._handshakes: OrderedDict[H, None] = OrderedDict()  # in the order they started
+        self.shed_total = 0  # unfinished sockets shed since start
+        self.refused_total = 0  # newcomers refused (every connection established) since start
 
     @property
     def connections(self) -> int:
@@ -81,8 +83,9 @@ class Admission(Generic[H]):
         if len(self._connections) >= self.max_connections:
             oldest = self._idle or self._handshakes
             if not oldest:
+                self.refused_total += 1
                 return Arrival(admitted=False)
-            shed = (self._forget(next(iter(oldest))),)
+            shed = (self._shed(next(iter(oldest))),)
         self._connections.add(handle)
         self._idle[handle] = None
         return Arrival(admitted=True, shed=shed)
@@ -97,7 +100,7 @@ class Admission(Generic[H]):
         shed: list[H] = []
         while len(self._handshakes) > self.max_handshakes:
             oldest, _ = self._handshakes.popitem(last=False)
-            shed.append(self._forget(oldest))
+            shed.append(self._shed(oldest))
         return tuple(shed)
 
     def opened(self, handle: H) -> None:
@@ -108,6 +111,10 @@ class Admission(Generic[H]):
     def left(self, handle: H) -> None:
         """Its socket is closed (a shed one was forgotten already)."""
         self._forget(handle)
+
+    def _shed(self, handle: H) -> H:
+        self.shed_total += 1
+        return self._forget(handle)
 
     def _forget(self, handle: H) -> H:
         self._connections.discard(handle)

@@ -66,6 +66,7 @@ TlsStream: TypeAlias = trio.SSLStream[trio.SocketStream]  # what the accept loop
 
 MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a bearer token fits easily
 MAX_REQUEST_BODY = 16 * 1024  # token endpoints take tiny JSON bodies
+HEAD_LIMIT = f"request line and headers are limited to {MAX_REQUEST_HEAD} bytes"
 PRUNE_INTERVAL = 60.0  # how often retired signing keys and dead refresh tokens are swept
 # A socket that has sent nothing yet costs a file and an idle task, and is shed first when
 # connections run out; closing it sooner only makes a persistent attacker open it again,
@@ -266,7 +267,7 @@ class ChatServer:
                     background.start_soon(self._watch_policy)
                     background.start_soon(self.durability.run)
                     background.start_soon(self._prune)
-                    background.start_soon(self._summarize_refusals)
+                    background.start_soon(self._summarize)
                     background.start_soon(accept, handlers)
                     await self._stop.wait()
                     background.cancel_scope.cancel()
@@ -347,13 +348,28 @@ class ChatServer:
                 log.warning("expired keys and tokens not pruned (%s); next time", exc.detail)
             await trio.sleep(PRUNE_INTERVAL)
 
-    async def _summarize_refusals(self) -> None:
-        """The refused handshakes the log rate held back, one line per window."""
+    async def _summarize(self) -> None:
+        """Once per window: the refused handshakes the log rate held back, and what the
+        connection bounds shed or refused (an attack, or limits set too low)."""
+        shed, refused = self.admission.shed_total, self.admission.refused_total
         while True:
             await trio.sleep(REFUSAL_WINDOW)
             held = self._refusals.held_back()
             if held:
                 log.info("%d more refused handshakes in the last %g s", held, REFUSAL_WINDOW)
+            if self.admission.shed_total != shed or self.admission.refused_total != refused:
+                log.warning(
+                    "in the last %g s: %d unfinished connections shed, %d new ones refused "
+                    "(connections %d of %d, handshakes in progress %d of %d)",
+                    REFUSAL_WINDOW,
+                    self.admission.shed_total - shed,
+                    self.admission.refused_total - refused,
+                    self.admission.connections,
+                    self.admission.max_connections,
+                    self.admission.handshakes,
+                    self.admission.max_handshakes,
+                )
+                shed, refused = self.admission.shed_total, self.admission.refused_total
 
     def _refused(self, raw: trio.SocketStream, reason: object) -> None:
         if self._refusals.allow(trio.current_time()):
@@ -592,14 +608,14 @@ async def _read_request(stream: trio.abc.Stream, http: h11.Connection) -> Reques
         event = http.next_event()
         if event is h11.NEED_DATA:
             if head is None and received > MAX_REQUEST_HEAD:
-                raise RequestHeadTooLarge(f"request heads are limited to {MAX_REQUEST_HEAD} bytes")
+                raise RequestHeadTooLarge(HEAD_LIMIT)
             want = MAX_REQUEST_HEAD + 1 - received if head is None else MAX_REQUEST_BODY
             data = bytes(await stream.receive_some(want))
             received += len(data)
             http.receive_data(data)
         elif isinstance(event, h11.Request):
-            if received - len(http.trailing_data[0]) > MAX_REQUEST_HEAD:
-                raise RequestHeadTooLarge(f"request heads are limited to {MAX_REQUEST_HEAD} bytes")
+            if received - len(http.trailing_data[0]) > MAX_REQUEST_HEAD:  # the head's own bytes
+                raise RequestHeadTooLarge(HEAD_LIMIT)
             head = event
         elif isinstance(event, h11.Data):
             body += event.data
