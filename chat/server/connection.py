@@ -251,8 +251,9 @@ class Connection:
     async def _pace(self, bucket: TokenBucket) -> None:
         """Wait until the publish rate allows one more SEND: meanwhile nothing more is read,
         so TCP flow control slows the peer down; nothing is refused or dropped."""
-        at = bucket.reserve(trio.current_time())
-        if at > trio.current_time():
+        now = trio.current_time()
+        at = bucket.reserve(now)
+        if at > now:
             self._protocol.data_withheld(at)
             await trio.sleep_until(at)
 
