@@ -114,12 +114,14 @@ def change(link: FakeLink, room: str, kind: str, who: str) -> None:
 # ---------------------------------------------------------------- rights: pure
 
 
-def test_rights_match_plain_rooms_and_leave_wildcards_to_the_server() -> None:
+def test_rights_are_checked_as_the_server_does() -> None:
     rights = policy(subscribe=["lobby", "team.alice.#"], publish=["lobby"], message=["bob"])
     assert rights.may_join("lobby") and not rights.may_join("lobby.x")
     assert rights.may_join("team.alice") and rights.may_join("team.alice.plans")
-    assert rights.may_join("team.bob") is False
-    assert rights.may_join("team.alice.*") is None  # containment is the server's check
+    assert not rights.may_join("team.bob")
+    assert rights.may_join("team.alice.*") and rights.may_join("team.alice.#")  # contained
+    assert not rights.may_join("team.*") and not rights.may_join("#")  # would reach others
+    assert policy(subscribe=["#"]).may_join("#")
     assert rights.may_publish("lobby") and not rights.may_publish("team.alice")
     assert rights.may_message("bob") and not rights.may_message("carol")
     assert policy(message=["*"]).may_message("carol")
@@ -207,9 +209,10 @@ async def test_rights_that_cannot_be_asked_leave_it_to_the_server() -> None:
         await command(script, "/msg bob hi", "[@bob] alice: hi")
 
 
-async def test_a_wildcard_room_is_tried_and_has_no_presence() -> None:
+async def test_a_wildcard_room_must_be_inside_a_grant_and_has_no_presence() -> None:
     link = FakeLink(policy=policy(subscribe=["lobby", "dev.#"]))
     async with chat(link) as script:
+        await command(script, "/join *", "* you may not join *")  # it would reach more
         await command(script, "/join dev.*", "* joined dev.*")
         await command(script, "/who", "* dev.* is a wildcard room: /who works in a plain room")
     assert link.subscribed[-1] == ("/topic/dev.*", {})

@@ -39,11 +39,12 @@ from chat.client.display import (
     where,
 )
 from chat.client.errors import ClientError, TlsFailure, TokenRefused
-from chat.client.messages import Message, inbox, is_name
+from chat.client.messages import Message, inbox
 from chat.client.resilient import Refused, ResilientSession, open_session
 from chat.client.terminal import ChatSession, Console, first_of, history_file, open_console
 from chat.pki import PkiError, rejection_cause
 from chat.protocol.errors import InvalidDestination
+from chat.protocol.wire import IDENTITY
 
 PROG = "chat-client"
 DEFAULT_URL = "wss://127.0.0.1:8443/ws"  # chat-server's default listener
@@ -480,7 +481,7 @@ def send_destination(target: str) -> str:
 def _correspondent(target: str, *, allow_everyone: bool) -> str:
     """NAME of `@NAME`, checked; "" for `@` alone when `allow_everyone`."""
     name = target.removeprefix(CONVERSATION)
-    if (name or not allow_everyone) and not is_name(name):
+    if (name or not allow_everyone) and IDENTITY.fullmatch(name) is None:
         everyone = " (@ alone: your whole inbox)" if allow_everyone else ""
         raise UsageError(f"{target!r}: @NAME needs a name of 1-64 of A-Z a-z 0-9 _ . @ -{everyone}")
     return name

@@ -4,29 +4,20 @@ who is in a room."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from chat.protocol.errors import MalformedFrame
 from chat.protocol.stomp import Frame
-
-INBOX_PREFIX = "/user/"  # PROTOCOL.md §10: /user/NAME is NAME's inbox
-PRESENCE_PREFIX = "/presence/"  # §11: /presence/ROOM says who is in /topic/ROOM
-_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # §9: an identity
+from chat.protocol.topics import PRESENCE_PREFIX, USER_PREFIX
 
 
 def inbox(name: str) -> str:
-    """NAME's inbox: where direct messages to NAME go, and where NAME reads them."""
-    return INBOX_PREFIX + name
-
-
-def is_name(text: str) -> bool:
-    """Whether `text` can be someone's name (a certificate identity, PROTOCOL.md §9)."""
-    return _NAME.fullmatch(text) is not None
+    """NAME's inbox (PROTOCOL.md §10): where direct messages to NAME go, and NAME reads them."""
+    return USER_PREFIX + name
 
 
 def presence(room: str) -> str:
-    """Where the members of ROOM (a plain room) are announced."""
+    """Where the members of ROOM, a plain room, are announced (PROTOCOL.md §11)."""
     return PRESENCE_PREFIX + room
 
 
@@ -91,7 +82,7 @@ class Message:
     @property
     def direct(self) -> bool:
         """A direct message, in the inbox of one of its two parties."""
-        return self.destination.startswith(INBOX_PREFIX)
+        return self.destination.startswith(USER_PREFIX)
 
     def other_party(self, me: str) -> str:
         """Whom a direct message is a conversation with, seen by `me`: the sender, or for

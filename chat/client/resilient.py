@@ -58,9 +58,10 @@ from chat.client.errors import (
     sole_exception,
 )
 from chat.client.http import TokenGrant
-from chat.client.messages import PRESENCE_PREFIX, Message, Position, Subscribed
+from chat.client.messages import Message, Position, Subscribed
 from chat.client.rights import Rights, fetch_rights
 from chat.pki import client_ssl_context
+from chat.protocol.topics import PRESENCE_PREFIX
 from chat.protocol.wire import TEXT_PLAIN
 
 __all__ = [

@@ -2,8 +2,9 @@
 
 The server answers a forbidden SUBSCRIBE or SEND with `ERROR message:forbidden` and closes
 the connection: the chat would lose every room for one wrong `/join`. So the client asks
-first (`GET /auth/me`) and says no itself. The server stays the judge: these checks only
-spare the connection, and a right they cannot decide is left to the server.
+first (`GET /auth/me`) and says no itself, with the server's own containment check for
+subscriptions (`chat.protocol.policy.contains`: `dev.*` is inside `dev.#`, `#` inside only
+`#`). The server stays the judge: these checks only spare the connection.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from chat.client.errors import BadResponse, refusal
 from chat.client.http import Dial, request_json
 from chat.client.tls import open_tls_stream
 from chat.protocol.errors import InvalidDestination
-from chat.protocol.topics import ANY, ONE, TOPIC_PREFIX, TopicTrie, parse_destination
+from chat.protocol.policy import contains
+from chat.protocol.topics import TOPIC_PREFIX, TopicTrie, parse_destination
 
 ME_PATH = "/auth/me"  # PROTOCOL.md §1, §9
 ANYONE = "*"  # a `message` entry granting direct messages to every identity
@@ -32,7 +34,7 @@ class Rights:
     publish: tuple[str, ...]
     message: tuple[str, ...]
     admin: bool
-    _readable: TopicTrie[str] = field(repr=False, compare=False)
+    _readable: tuple[tuple[str, ...], ...] = field(repr=False, compare=False)
     _writable: TopicTrie[str] = field(repr=False, compare=False)
 
     @classmethod
@@ -44,15 +46,13 @@ class Rights:
         subscribe, publish, message = (
             _strings(payload, key) for key in ("subscribe", "publish", "message")
         )
-        return cls(sub, subscribe, publish, message, admin, _trie(subscribe), _trie(publish))
+        readable = tuple(_pattern(pattern) for pattern in subscribe)
+        return cls(sub, subscribe, publish, message, admin, readable, _trie(publish))
 
-    def may_join(self, room: str) -> bool | None:
-        """Whether `room` may be subscribed; None for a wildcard room (the server decides
-        whether every room it can match is granted)."""
-        segments = parse_destination(TOPIC_PREFIX + room, wildcards=True)
-        if ONE in segments or ANY in segments:
-            return None
-        return bool(self._readable.match(segments))
+    def may_join(self, room: str) -> bool:
+        """Whether `room` (wildcards allowed) may be subscribed: every topic it can match
+        is granted."""
+        return contains(self._readable, parse_destination(TOPIC_PREFIX + room, wildcards=True))
 
     def may_publish(self, room: str) -> bool:
         """Whether a SEND to plain `room` is allowed."""
@@ -81,11 +81,16 @@ def _strings(payload: dict[str, Any], key: str) -> tuple[str, ...]:
 
 
 def _trie(patterns: tuple[str, ...]) -> TopicTrie[str]:
-    """The patterns, matchable; `BadResponse` for one the server should never grant."""
+    """The patterns, matchable against a topic."""
     trie: TopicTrie[str] = TopicTrie()
     for pattern in patterns:
-        try:
-            trie.add(parse_destination(TOPIC_PREFIX + pattern, wildcards=True), pattern)
-        except InvalidDestination as exc:
-            raise BadResponse(f"{ME_PATH} answered an unusable topic pattern: {exc}") from None
+        trie.add(_pattern(pattern), pattern)
     return trie
+
+
+def _pattern(pattern: str) -> tuple[str, ...]:
+    """A granted topic pattern's segments; `BadResponse` for one no server should grant."""
+    try:
+        return parse_destination(TOPIC_PREFIX + pattern, wildcards=True)
+    except InvalidDestination as exc:
+        raise BadResponse(f"{ME_PATH} answered an unusable topic pattern: {exc}") from None

@@ -50,10 +50,12 @@ from chat.client.display import (
     system_line,
 )
 from chat.client.errors import ClientError, ReceiptTimeout, StompError
-from chat.client.messages import PRESENCE_PREFIX, Message, Presence, inbox, is_name, presence
+from chat.client.messages import Message, Presence, inbox, presence
 from chat.client.resilient import Event, NotDelivered, Online, Reconnecting, Recovered, Refused
 from chat.client.rights import Rights
 from chat.protocol.errors import InvalidDestination, MalformedFrame
+from chat.protocol.topics import PRESENCE_PREFIX
+from chat.protocol.wire import IDENTITY
 
 READ_CHUNK = 4096  # bytes per os.read() of a piped stdin
 JOIN_BACKLOG = 20  # messages of a room shown on joining it, before the live ones
@@ -527,7 +529,7 @@ class ChatSession:
         name = typed.removeprefix(CONVERSATION)
         if not name or not complete:
             self._status(f"usage: {usage}")
-        elif not is_name(name):
+        elif IDENTITY.fullmatch(name) is None:
             self._status(f"{printable(name)!r} is not a name (1-64 of A-Z a-z 0-9 _ . @ -)")
         elif not await self._allowed(lambda rights: rights.may_message(name)):
             self._error(f"you may not message {name}")
@@ -552,16 +554,15 @@ class ChatSession:
     def _marked(self, target: str) -> str:
         return f"{target} (current)" if target == self._current else target
 
-    async def _allowed(self, check: Callable[[Rights], bool | None]) -> bool:
+    async def _allowed(self, check: Callable[[Rights], bool]) -> bool:
         """Whether the policy allows it, as far as we can tell: a refusal is checked again
         with fresh rights (the policy may have just changed). When we cannot ask (offline,
-        a server without /auth/me) or the rights cannot tell, the server decides."""
+        a server without /auth/me), the server decides."""
         for fresh in (False, True):
             try:
-                verdict = check(await self._session.rights(fresh=fresh))
+                if check(await self._session.rights(fresh=fresh)):
+                    return True
             except ClientError:
-                return True
-            if verdict is not False:
                 return True
         return False
 
