@@ -45,7 +45,16 @@ from wsproto.events import (
 )
 
 from chat.client.connection import StompClient
-from chat.protocol.stomp import CLIENT_COMMANDS, SERVER_COMMANDS, Frame, FrameParser, Limits
+from chat.protocol.connection import SILENCE_FACTOR
+from chat.protocol.stomp import (
+    CLIENT_COMMANDS,
+    SERVER_COMMANDS,
+    Frame,
+    FrameParser,
+    Limits,
+    negotiate_heartbeat,
+    parse_heartbeat,
+)
 from chat.protocol.stomp import encode as encode_frame
 from chat.protocol.wire import TEXT_PLAIN
 from tests.conftest import RunningServer, TestPki, stomp_peer, token_for
@@ -60,6 +69,9 @@ ANSWER_WITHIN = CONNECT_TIMEOUT + CLOSE_TIMEOUT + 1
 # Close codes the server may send on its own (PROTOCOL.md §6, RFC 6455 §7.4.1 for 1007).
 SERVER_CLOSE_CODES = {1000, 1001, 1002, 1007, 1008, 1009}
 CONNECT = b"CONNECT\naccept-version:1.2\nhost:chat\nheart-beat:0,0\n\n\0"
+# The server's heart-beat offer: short, so a fuzzed CONNECT asking for heart-beats makes the
+# server expect them within the time an example waits (bob and carol ask for none).
+SERVER_HEARTBEAT = (1000, 1000)
 
 # ---------------------------------------------------------------- a client that sends anything
 
@@ -154,6 +166,16 @@ class FuzzClient:
     def live_session(self) -> bool:
         commands = [frame.command for frame in self.frames]
         return "CONNECTED" in commands and "ERROR" not in commands
+
+    def expected_heartbeat(self, offer: str) -> float:
+        """How often (s) the server expects to hear from us, given our CONNECT's heart-beat
+        `offer` and the server's in CONNECTED (STOMP 1.2 negotiation); 0: never."""
+        for frame in self.frames:
+            if frame.command == "CONNECTED":
+                theirs = parse_heartbeat(frame.get("heart-beat"))
+                _, expects = negotiate_heartbeat(theirs, parse_heartbeat(offer))
+                return expects / 1000
+        return 0.0
 
     async def close(self) -> None:
         """End the connection from our side: a close frame, then the stream if need be."""
@@ -315,6 +337,14 @@ class Plan:
     connect_first: bool
     payloads: tuple[bytes, ...]
     cuts: tuple[int, ...] = ()  # "stomp": the payloads joined, then cut into messages here
+    heartbeat: str = "0,0"  # the first CONNECT's offer
+
+    @property
+    def connect(self) -> bytes:
+        return CONNECT.replace(b"heart-beat:0,0", f"heart-beat:{self.heartbeat}".encode())
+
+
+HEARTBEATS = st.sampled_from(["0,0", "0,0", "0,0", "1,1", "1000,0", "0,1000", "2500,1", "9,99"])
 
 
 PLANS = st.one_of(
@@ -324,18 +354,23 @@ PLANS = st.one_of(
         st.just(True),
         st.lists(good_frame(), min_size=1, max_size=8).map(tuple),
         st.lists(st.integers(min_value=0), max_size=4).map(tuple),
+        HEARTBEATS,
     ),
     st.builds(
         Plan,
         st.just("stomp"),
         st.integers(0, 3).map(bool),
         st.lists(STOMP_PAYLOADS, min_size=1, max_size=5).map(tuple),
+        st.just(()),
+        HEARTBEATS,
     ),
     st.builds(
         Plan,
         st.just("ws"),
         st.booleans(),
         st.lists(raw_ws_frames(), min_size=1, max_size=4).map(tuple),
+        st.just(()),
+        HEARTBEATS,
     ),
 )
 
@@ -354,7 +389,7 @@ def messages(plan: Plan, token: str, epoch: str) -> list[bytes]:
 async def run_plan(client: FuzzClient, plan: Plan, token: str, epoch: str) -> None:
     """Send the plan, then wait for the server's answer; a session left open is closed by us."""
     if plan.connect_first:
-        await client.write(client.message(CONNECT))
+        await client.write(client.message(plan.connect))
     for payload in messages(plan, token, epoch):
         data = client.message(payload) if plan.kind == "stomp" else payload
         if not await client.write(data):
@@ -370,8 +405,14 @@ def check_answer(client: FuzzClient, plan: Plan) -> None:
     commands = [frame.command for frame in client.frames]
     event(f"{plan.kind}: {'live' if not client.ended else client.close_code}")
     event(f"{plan.kind} received {'+'.join(sorted(set(commands))) or 'no frame'}")
-    if not client.ended:  # still open: only a live session may be
+    if not client.ended:  # still open: only a live session may be, if heart-beats allow
         assert client.live_session, f"no answer within {ANSWER_WITHIN} s: {commands}"
+        if plan.connect_first:  # the offer is known: ours, not a fuzzed one
+            expects = client.expected_heartbeat(plan.heartbeat)
+            event(f"live, heart-beats expected every {expects} s")
+            assert not expects or SILENCE_FACTOR * expects + 1 > ANSWER_WITHIN, (
+                f"silent for {ANSWER_WITHIN} s, heart-beats expected every {expects} s: open"
+            )
         return
     assert client.close_code != 1011, "server error"
     if plan.kind == "stomp":
@@ -447,6 +488,7 @@ async def test_fuzzed_connections_leave_the_server_and_a_subscriber_unharmed(
         tmp_path,
         connect_timeout=CONNECT_TIMEOUT,
         close_timeout=CLOSE_TIMEOUT,
+        heartbeat=SERVER_HEARTBEAT,
         retention_count=RETENTION,
     ) as below:
         token = await below.token("alice")
