@@ -33,7 +33,7 @@ from chat.server.app import (
     REFUSAL_WINDOW,
 )
 from chat.server.config import ConfigError
-from chat.server.refusals import LogRate
+from chat.server.refusals import LogRate, refusal_reason
 from tests.below_tls import BelowTls
 from tests.conftest import (
     HttpReply,
@@ -99,6 +99,39 @@ def test_a_file_limit_too_low_for_max_connections_is_a_warning(
         f"--max-connections 10000 does not fit the file limit of 1024 open files: serving "
         f"at most {1024 - FILE_RESERVE} connections (raise the limit with ulimit -n)",
     ]
+
+
+def verify_failure(code: int, message: str) -> trio.BrokenResourceError:
+    """What trio raises when OpenSSL refused the client's certificate."""
+    cause = ssl.SSLCertVerificationError(1, f"certificate verify failed: {message}")
+    cause.verify_code, cause.verify_message = code, message
+    error = trio.BrokenResourceError()
+    error.__cause__ = cause
+    return error
+
+
+def ssl_failure(reason: str) -> trio.BrokenResourceError:
+    cause = ssl.SSLError(1, reason)
+    cause.reason = reason
+    error = trio.BrokenResourceError()
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (ssl_failure("PEER_DID_NOT_RETURN_A_CERTIFICATE"), "no certificate"),
+        (verify_failure(20, "unable to get local issuer certificate"), "unknown CA"),
+        (verify_failure(10, "certificate has expired"), "certificate expired"),
+        (verify_failure(23, "certificate revoked"), "certificate revoked"),
+        (verify_failure(50, "something else"), "something else"),
+        (ssl_failure("WRONG_VERSION_NUMBER"), "not TLS"),
+        (trio.BrokenResourceError(), None),  # the peer went away: not a refusal
+    ],
+)
+def test_refusal_reasons(error: BaseException, reason: str | None) -> None:
+    assert refusal_reason(error) == reason
 
 
 def test_log_rate_holds_back_lines_beyond_its_limit_per_window() -> None:

@@ -36,7 +36,7 @@ def refusal_reason(error: BaseException) -> str | None:
     if isinstance(cause, ssl.SSLCertVerificationError):
         return _VERIFY_REASONS.get(cause.verify_code, cause.verify_message)
     if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLEOFError):
-        reason = cause.reason or "TLS error"
+        reason = getattr(cause, "reason", None) or "TLS error"  # the ssl module may not say
         return _SSL_REASONS.get(reason, reason.lower().replace("_", " "))
     return None
 
