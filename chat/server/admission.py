@@ -35,14 +35,15 @@ log = logging.getLogger("chat.server")
 H = TypeVar("H", bound=Hashable)
 
 # Descriptors the server needs beside its connections: listeners, the event loop, SQLite
-# databases with their journals, worker threads, logs, certificate reloads.
+# databases with their journals, logs, certificate reloads (accepted sockets are counted
+# as connections at once, and a refused or shed one is closed at once).
 FILE_RESERVE = 128
 MIN_CONNECTIONS = 16  # below this the server cannot serve a handful of clients: refuse to start
 
 
 @dataclass(frozen=True, slots=True)
 class Arrival(Generic[H]):
-    """What becomes of a newcomer: `admitted`, and the unfinished handshakes to close for it."""
+    """What becomes of a newcomer: `admitted`, and the unfinished sockets to close for it."""
 
     admitted: bool
     shed: tuple[H, ...] = ()
