@@ -11,11 +11,15 @@ raw, possibly broken, WebSocket frames. What must hold:
 - the log shows no traceback and no "internal error";
 - every fuzzed connection is answered: the server closes it with a close code (after an ERROR
   frame when the STOMP was at fault; never 1011), or it is a live session (CONNECTED, no
-  ERROR) that closes cleanly when the client closes; one that is neither once the connect and
-  close timeouts have passed is a hang;
-- bob receives every message carol published meanwhile, in order, and no ERROR.
+  ERROR, heart-beats not overdue) that closes cleanly when the client closes; one that is
+  neither once the connect and close timeouts have passed is a hang;
+- bob (the client library) receives every message carol published before and meanwhile, in
+  order; every MESSAGE has the server's headers exactly once, an unforged sender and the next
+  offset.
 
 `test_fuzzed_frames_over_real_tls` sends a fixed set of such inputs over real TLS on loopback.
+`test_the_largest_send_allowed_reaches_a_client_library_subscriber` pins what the fuzz found
+at the edge of the limits.
 Settings and `FUZZ_EXAMPLES`: see tests/test_fuzz_stomp.py.
 """
 
