@@ -221,7 +221,7 @@ async def test_heartbeats_keep_an_idle_connection(start_below_tls, autojump_cloc
 
 
 async def test_token_is_renewed_in_band(start_below_tls, autojump_clock) -> None:
-    """A 60 s token (the server checks expiry every second): the client renews it in time,
+    """A 60 s token (the server closes the connection at its exp): the client renews it in time,
     again and again, on the same connection."""
     below: BelowTls = await start_below_tls(token_lifetime=60)
     grant = await below.grant("alice")
