@@ -37,6 +37,9 @@ LOAD_SLACK = 90.0  # chat-load's own bounds: setup, drain and close, on top of w
 STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL after this
 QUIET_LOAD = 0.5  # 1-minute load average above which other processes share our cores
 LOG_TAIL = 2000  # characters of a failed process's log worth showing
+# The fan-out path is measured, not the limits against abusive clients: a few load identities
+# hold every connection and one connection publishes as fast as it can.
+UNLIMITED = ("--publish-rate", "0", "--max-connections-per-identity", "1000000")
 
 
 class BenchmarkFailed(Exception):
@@ -157,6 +160,7 @@ def _server_command(setup: Setup, server: str, port: int) -> list[str]:
         str(setup.certs),
         "--state-dir",
         str(setup.work / "state"),
+        *UNLIMITED,
         "--log-level",
         "warning",
     ]

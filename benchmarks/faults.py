@@ -95,6 +95,7 @@ class Server:
             str(self.work / "state"),
             "--retention-count",
             "1000000",
+            *fanout.UNLIMITED,
             "--heartbeat",
             f"{HEARTBEAT[0]},{HEARTBEAT[1]}",
             "--log-level",
