@@ -12,11 +12,11 @@ more than the largest in its table, so it grows with every insert, whatever the 
 does. Revoking an identity records when; lifting the block (`unrevoke`) keeps that time, and
 the identity's access tokens issued before it stay revoked. Revocations bump a counter:
 `load_revocations()` reads that one integer and reads the revoked identities and token ids
-again only when it moved; what it read is `revocations`, a
-frozen snapshot the server checks every upgrade and every live session against without
-touching the database (a change made through this store shows there at once, one made by
-another process, such as `chat-server revoke`, at the server's next poll). Writes run in
-`BEGIN IMMEDIATE` transactions, so two processes serialize instead of failing half-way.
+again only when it moved; what it read is `revocations`, a frozen snapshot the server checks
+every upgrade and every live session against without touching the database (a change made
+through this store shows there at once, one made by another process, such as `chat-server
+revoke`, at the server's next poll). Writes run in `BEGIN IMMEDIATE` transactions, so two
+processes serialize instead of failing half-way.
 Every method but `revocations` is BLOCKING (SQLite). Pure module: no trio.
 """
 
