@@ -72,6 +72,23 @@ class Upgrade:
     claims: Claims
 
 
+# wsproto decodes these handshake headers itself, as ASCII tokens and the host as IDNA, and
+# raises UnicodeError (not its RemoteProtocolError) on what it cannot decode.
+_TOKEN_HEADERS = ("connection", "upgrade", "sec-websocket-extensions", "sec-websocket-protocol")
+
+
+def check_handshake(request: Request) -> None:
+    """Refuse a handshake whose headers cannot be decoded as RFC 6455 needs them."""
+    for name, value in request.headers:
+        try:
+            if name in _TOKEN_HEADERS:
+                value.encode("ascii")
+            elif name == "host":
+                value.encode("latin-1").decode("idna")
+        except UnicodeError as exc:
+            raise BadHandshake(f"the {name} header cannot be decoded") from exc
+
+
 def is_upgrade(request: Request) -> bool:
     upgrade = request.header("upgrade") or ""
     return request.method == "GET" and "websocket" in upgrade.lower()
@@ -89,7 +106,9 @@ def authorize(
     is_revoked: Callable[[Claims], bool],
     now: float,
 ) -> Upgrade:
-    """Check token, binding, revocation and subprotocol, in the order of the refusal table."""
+    """Check the handshake's headers can be decoded, then token, binding, revocation and
+    subprotocol, in the order of the refusal table."""
+    check_handshake(request)
     offered = offered_subprotocols(request)
     claims = authority.verify(_bearer_token(offered), now)
     check_binding(claims, peer.identity, peer.x5t)
