@@ -479,8 +479,9 @@ async def test_the_request_head_limit_is_exact(
     async with below_tls_server(pki, tmp_path) as below:
         for length in lengths:
             stream = below.open_stream("alice")
-            for chunk in split(head_of_length(length) + body, cuts):
-                await stream.send_all(chunk)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                for chunk in split(head_of_length(length) + body, cuts):
+                    await stream.send_all(chunk)  # the server may answer and close before the end
             with trio.fail_after(HEAD_DEADLINE + 5):
                 answer = await read_all(stream)
             status = check_answer(answer)
