@@ -191,6 +191,8 @@ ROLES = pytest.mark.parametrize(
 def test_any_bytes_any_chunking_raise_only_protocol_errors(
     commands: frozenset[str], data: bytes, cuts: list[int], limits: Limits
 ) -> None:
+    """Anything but a StompProtocolError escaping `feed()` fails here; every frame that comes
+    out is within the limits and the direction's commands."""
     frames, _ = parse(split(data, cuts), limits, commands)
     for frame in frames:
         check_frame(frame, limits, commands)
