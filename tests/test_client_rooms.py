@@ -401,3 +401,12 @@ async def test_a_room_the_policy_took_away_is_left() -> None:
     assert sum("does not let you read" in line for line in script.shown) == 1
     said = describe(Refused("/topic/dev", reason))
     assert said == f"dev: {reason}"  # what --listen and pipes print
+
+
+async def test_help_names_every_command() -> None:
+    async with chat(FakeLink()) as script:
+        shown = await command(script, "/help", "anything else is sent")
+    text = "\n".join(shown)
+    for command_line in ("/join ROOM", "/dm NAME", "/msg NAME TEXT", "/leave [ROOM]", "/who"):
+        assert command_line in text
+    assert "[@NAME]" in text and "@NAME" in text.split("/leave")[1]
