@@ -17,11 +17,10 @@ from chat.client.errors import BadResponse, refusal
 from chat.client.http import Dial, request_json
 from chat.client.tls import open_tls_stream
 from chat.protocol.errors import InvalidDestination
-from chat.protocol.policy import contains
+from chat.protocol.policy import EVERYONE, contains
 from chat.protocol.topics import TOPIC_PREFIX, TopicTrie, parse_destination
 
 ME_PATH = "/auth/me"  # PROTOCOL.md §1, §9
-ANYONE = "*"  # a `message` entry granting direct messages to every identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +59,7 @@ class Rights:
 
     def may_message(self, name: str) -> bool:
         """Whether a direct message to `name` is allowed."""
-        return ANYONE in self.message or name in self.message
+        return EVERYONE in self.message or name in self.message
 
 
 async def fetch_rights(
