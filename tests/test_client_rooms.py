@@ -57,9 +57,12 @@ class Script:
         self._wake()
 
     async def read_line(self, prompt: str) -> Typed:
+        self.prompt_changed(prompt)
+        return await self._typed.receive()
+
+    def prompt_changed(self, prompt: str) -> None:
         self.prompts.append(prompt)
         self._wake()
-        return await self._typed.receive()
 
     def _wake(self) -> None:
         self._changed.set()
@@ -395,8 +398,10 @@ async def test_a_room_the_policy_took_away_is_left() -> None:
         link.emit(Refused("/topic/dev", reason))  # resubscribing after a reconnect
         link.emit(Refused("/presence/dev", reason))  # said once, for the room
         await script.has("* the server's policy does not let you read dev (any more): left it")
-        await command(script, "/rooms", "* rooms: lobby (current)")
-        assert script.prompts[-1] == "[lobby] > "
+        assert script.prompts[-1] == "> "  # at once: what is being typed goes nowhere unseen
+        await command(script, "hello", "* you are in no room: /join ROOM or /dm NAME first")
+        assert link.sent == []
+        await command(script, "/rooms", "* rooms: lobby")
     assert link.unsubscribed == ["/presence/dev"]
     assert sum("does not let you read" in line for line in script.shown) == 1
     said = describe(Refused("/topic/dev", reason))

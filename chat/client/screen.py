@@ -192,10 +192,13 @@ class Screen:
         self._call(self._app.invalidate)
 
     async def read_line(self, prompt: str) -> Typed:
+        self.prompt_changed(prompt)
+        return await self._typed.receive()
+
+    def prompt_changed(self, prompt: str) -> None:
         if prompt != self._prompt:
             self._prompt = prompt
             self._call(self._app.invalidate)
-        return await self._typed.receive()
 
     def resized(self) -> None:
         """The terminal changed size: draw everything anew at the new size."""

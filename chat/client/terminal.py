@@ -101,6 +101,9 @@ class Console(Protocol):
     def link_changed(self, event: Online | Reconnecting, me: str) -> None:
         """The link went down, or came up."""
 
+    def prompt_changed(self, prompt: str) -> None:
+        """Where typed lines go changed while a line is being typed: show it at once."""
+
     async def read_line(self, prompt: str) -> Typed:
         """The next typed line, or why there is none."""
 
@@ -191,6 +194,9 @@ class PlainConsole:
         status = describe(event)
         if status is not None:
             self.show(system_line(status))
+
+    def prompt_changed(self, prompt: str) -> None:
+        pass  # lines from a pipe have no prompt
 
     async def read_line(self, prompt: str) -> Typed:
         """The next line; End.EOF once, then nothing more (a pipe stays at its end)."""
@@ -369,8 +375,9 @@ class ChatSession:
         if not is_wildcard(room):
             self._members.pop(room, None)
             await self._session.unsubscribe(presence(room))  # refused too: never retried
-        if self._current == room:
-            self._current = self._targets[-1] if self._targets else None
+        if self._current == room:  # never send what is being typed somewhere else instead
+            self._current = None
+            self._console.prompt_changed(self._prompt())
         self._error(f"the server's policy does not let you read {room} (any more): left it")
 
     # ------------------------------------------------------------ commands
