@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import h11
+
 from chat.protocol.errors import HttpRefusal
 from chat.protocol.tokens import (
     Claims,
@@ -78,15 +80,23 @@ _TOKEN_HEADERS = ("connection", "upgrade", "sec-websocket-extensions", "sec-webs
 
 
 def check_handshake(request: Request) -> None:
-    """Refuse a handshake whose headers cannot be decoded as RFC 6455 needs them."""
+    """Refuse a handshake wsproto could not take: headers it cannot decode as RFC 6455 needs
+    them, or a request it cannot rebuild as HTTP/1.1 (an HTTP/1.0 one without Host, say);
+    wsproto raises UnicodeError or h11's LocalProtocolError for those, not a refusal."""
+    headers = []
     for name, value in request.headers:
         try:
             if name in _TOKEN_HEADERS:
                 value.encode("ascii")
             elif name == "host":
                 value.encode("latin-1").decode("idna")
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
         except UnicodeError as exc:
             raise BadHandshake(f"the {name} header cannot be decoded") from exc
+    try:  # what wsproto's initiate_upgrade_connection builds first
+        h11.Request(method="GET", target=request.path.encode("ascii"), headers=headers)
+    except (h11.LocalProtocolError, UnicodeError) as exc:
+        raise BadHandshake(f"not a valid HTTP/1.1 request: {exc}") from exc
 
 
 def is_upgrade(request: Request) -> bool:
