@@ -154,7 +154,7 @@ def valid_token(authority: TokenAuthority) -> str:
     return authority.issue(PEER.identity, PEER.x5t, NOW)[0]
 
 
-@fuzz(150)
+@fuzz(100)
 @given(data=st.data(), revoked=st.booleans(), skew=st.sampled_from([0.0, 0.0, 10_000.0, -10_000.0]))
 def test_authorize_answers_every_request(
     authority: TokenAuthority, valid_token: str, data: st.DataObject, revoked: bool, skew: float

@@ -342,7 +342,7 @@ CLIENT_SESSION = st.lists(
 ).map(b"".join)
 
 
-@fuzz(120)
+@fuzz(80)
 @given(data=CLIENT_SESSION, cuts=CUTS, limits=LIMITS)
 def test_server_role_takes_any_client_bytes(data: bytes, cuts: list[int], limits: Limits) -> None:
     conn = StompConnection(Role.SERVER, limits=ConnectionLimits(limits))
@@ -365,7 +365,7 @@ SERVER_SESSION = st.lists(
 ).map(b"".join)
 
 
-@fuzz(120)
+@fuzz(80)
 @given(data=SERVER_SESSION, cuts=CUTS, limits=LIMITS)
 def test_client_role_takes_any_server_bytes(data: bytes, cuts: list[int], limits: Limits) -> None:
     conn = StompConnection(Role.CLIENT, limits=ConnectionLimits(limits))
