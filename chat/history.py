@@ -17,8 +17,11 @@ memory least recently used first once there are more than `max_topics`, but only
 (nothing of theirs waits for the committer); their epoch, offsets and history stay on disk,
 and a topic that is not in memory must be read back before use: `missing()` says which,
 `load_topics()` reads them (off the loop), `install()` puts them back; meanwhile the other
-calls raise `NotLoaded`. A memory store has no disk: what leaves memory is lost (and a topic
-that left gets a new epoch on its next use, which is what an epoch says).
+calls raise `NotLoaded`. Age retention of messages on disk only is the file's: it prunes at
+every commit and at start, and tells which offsets it dropped, so `first` follows; a replay
+may still get such a message a little past `max_age`, never a gap. A memory store has no
+disk: what leaves memory is lost (and a topic that left gets a new epoch on its next use,
+which is what an epoch says).
 
 Durability is asynchronous (group commit): `append()` also queues the message; a committer
 (a trio task in the server, calling `commit()` from a worker thread) takes the queued batch
