@@ -266,6 +266,7 @@ class ChatServer:
                     background.start_soon(self._watch_keys)
                     background.start_soon(self._watch_policy)
                     background.start_soon(self.durability.run)
+                    background.start_soon(self.durability.run_later)
                     background.start_soon(self._prune)
                     background.start_soon(self._summarize)
                     background.start_soon(accept, handlers)

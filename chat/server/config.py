@@ -58,7 +58,7 @@ _BOUNDS: tuple[tuple[str, float, float], ...] = (
     ("retention_age", 0, _NO_MAX),
     ("retention_bytes", 0, _NO_MAX),
     ("history_memory_bytes", 0, _NO_MAX),
-    ("max_topics", 1, _NO_MAX),
+    ("max_topics", 2, _NO_MAX),  # a direct message needs both inboxes in memory at once
     ("shutdown_grace", 0, 3600),
     ("revocation_poll", _TINY, 3600),
 )

@@ -36,6 +36,7 @@ from chat.protocol.errors import CloseCode, PolicyViolation, StompProtocolError
 from chat.protocol.stomp import Frame, FrameParser
 from chat.server.rate import TokenBucket
 from chat.server.session import StompSession
+from chat.server.storage import StorageUnavailable
 from chat.wsframes import data_frame
 
 log = logging.getLogger("chat.server")
@@ -44,6 +45,12 @@ RECEIVE_BYTES = 64 * 1024  # one read from the TLS stream
 # The longest the guard sleeps: token expiry is wall-clock time, the guard's sleep monotonic,
 # so a stepped wall clock delays an expiry by at most this.
 GUARD_TICK = 60.0
+
+
+class StorageFailed(StompProtocolError):
+    """The history could not be read to act on a frame: nothing was stored or subscribed."""
+
+    close_code = CloseCode.SERVER_ERROR
 
 
 class SlowConsumer(PolicyViolation):
@@ -138,6 +145,7 @@ class Connection:
         self._ending: Ending | None = None
         self._connected = trio.Event()
         self._scope: trio.CancelScope | None = None
+        session.wake = self._refill  # a replay's page came from disk
         limits = session.limits
         self._publish_rate = (  # SENDs per second, PROTOCOL.md §12; 0: no limit
             TokenBucket(limits.publish_rate, limits.publish_burst, trio.current_time())
@@ -238,7 +246,12 @@ class Connection:
             if self._publish_rate is not None and isinstance(event, events.Send):
                 await self._pace(self._publish_rate)
             try:
+                # Its topics into memory first; no checkpoint between this and handle().
+                await self.session.durability.loaded(self.session.history_needs(event))
                 disconnect = self._act(event)
+            except StorageUnavailable as exc:
+                self.fail(StorageFailed("storage unavailable", exc.detail), event.receipt)
+                return True
             except StompProtocolError as error:
                 self.fail(error, event.receipt)
                 return True

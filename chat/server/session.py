@@ -14,7 +14,11 @@ to catch up on is a `_Replay` cursor, not yet in the broker. The connection's wr
 `refill()` each time it has sent what was pending; the oldest cursor then pushes its next
 committed messages, a bounded chunk. A cursor that reaches the topic's high-water mark joins
 the broker in the same synchronous step, and live fan-out happens synchronously when a commit
-is marked, so between replay and live there is no gap and no duplicate.
+is marked, so between replay and live there is no gap and no duplicate. Messages that are on
+disk only (the history's memory is bounded) are fetched off the event loop a page at a time
+(`Durability.read_later`); the cursor waits meanwhile, then `wake()` (the connection's refill)
+pages them in. A frame's topics are in memory before `handle()` sees it: the connection awaits
+`Durability.loaded(history_needs(event))` first.
 
 Authorization (PROTOCOL.md §9) is decided when a subscription is made and when a frame is sent,
 never per delivered message: the session holds its identity's `Rights` from the policy in
@@ -34,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from chat.history import HistoryGap
+from chat.history import HistoryGap, NotLoaded, OnDisk
 from chat.protocol import events
 from chat.protocol.errors import HttpRefusal, InvalidDestination, MalformedFrame, PolicyViolation
 from chat.protocol.policy import Policy
@@ -59,7 +63,10 @@ from chat.server.broker import (
     message_frame,
     message_tail,
 )
+from chat.server.durability import Durability
 from chat.server.presence import Presence
+from chat.server.storage import StorageUnavailable
+from chat.store.history import Stored
 
 SERVER_NAME = "chat/0.1"
 # One refill of a replay: big enough to amortize a send_all, small next to a default outbox.
@@ -109,6 +116,9 @@ class _Replay:
     after: int  # the last offset pushed (or where the replay starts)
     route: Route
     subscription: Subscription
+    page: list[Stored] = field(default_factory=list)  # read from disk, not pushed yet
+    waiting: bool = False  # for a page from disk, or its topic to be read back into memory
+    gone: HistoryGap | None = None  # what the disk said: the messages are no longer retained
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +229,9 @@ class StompSession:
         self._receipt_floor = (
             0  # receipts leave in order: none before an earlier one's data is durable
         )
+        # Called when a replay's page came from disk; the connection sets it to its refill,
+        # which turns ReplayFellBehind into ERROR + close.
+        self.wake: Callable[[], None] = self.refill
         self._handlers: dict[type[events.Event], Callable[[Any], Acted]] = {
             events.Connect: self._connect,
             events.Send: self._send,
@@ -235,6 +248,11 @@ class StompSession:
     @property
     def identity(self) -> str:
         return self.claims.sub
+
+    @property
+    def durability(self) -> Durability:
+        """Where the history's reads off the event loop go (`history_needs`, replays)."""
+        return self._broker.durability
 
     @property
     def limits(self) -> SessionLimits:
@@ -270,31 +288,97 @@ class StompSession:
         budget = max(1, min(REPLAY_CHUNK_BYTES, self.outbox.limit // REPLAY_OUTBOX_SHARE))
         room = budget - self.outbox.pending
         while room > 0 and self._replays:
-            room -= self._pump(next(iter(self._replays.values())), room)
+            replay = next(iter(self._replays.values()))
+            if replay.waiting:  # replays go in order: the next waits for this one
+                return
+            room -= self._pump(replay, room)
 
     def _pump(self, replay: _Replay, room: int) -> int:
-        """Push `replay`'s next messages, about `room` bytes; go live at the high-water mark."""
+        """Push `replay`'s next messages, about `room` bytes (its page from disk first); go
+        live at the high-water mark; start a read when the next ones are not in memory."""
+        if replay.gone is not None:
+            raise _fell_behind(replay) from replay.gone
+        if replay.page:
+            return self._push_page(replay, room)
+        durability = self._broker.durability
         try:
             messages = self._broker.history.read(
                 replay.destination, replay.after, replay.epoch, self._now_ms()
             )
+        except OnDisk as disk:
+            replay.waiting = True
+            durability.read_later(disk.page, functools.partial(self._page_read, replay))
+            return 0
+        except NotLoaded:  # the topic left memory since the replay began
+            replay.waiting = True
+            durability.load_later((replay.destination,), functools.partial(self._loaded, replay))
+            return 0
         except HistoryGap as gap:
-            raise ReplayFellBehind(
-                "replay fell behind retention",
-                f"messages of {replay.destination} after offset {replay.after} are no longer"
-                " retained; subscribe again with since-offset to resume",
-            ) from gap
+            raise _fell_behind(replay) from gap
         pushed = 0
-        sub_id = replay.subscription.id
         for stored in messages:
-            data = message_frame(sub_id, message_tail(stored))
-            self.outbox.push(data)
-            replay.after = stored.offset
-            pushed += len(data)
+            pushed += self._push(replay, stored)
             if pushed >= room:
                 return pushed
         self._go_live(replay)
         return pushed
+
+    def _push(self, replay: _Replay, stored: Stored) -> int:
+        data = message_frame(replay.subscription.id, message_tail(stored))
+        self.outbox.push(data)
+        replay.after = stored.offset
+        return len(data)
+
+    def _push_page(self, replay: _Replay, room: int) -> int:
+        """Push from the page read from disk, about `room` bytes; what is pushed leaves it."""
+        pushed = taken = 0
+        for stored in replay.page:
+            if pushed >= room:
+                break
+            taken += 1
+            pushed += self._push(replay, stored)
+        del replay.page[:taken]
+        return pushed
+
+    def _page_read(self, replay: _Replay, page: list[Stored] | HistoryGap) -> None:
+        """(On the loop) the next page of `replay` came from disk, or the news that it is
+        gone: page it in (or fail the replay)."""
+        if isinstance(page, HistoryGap):
+            replay.gone = page
+        elif page[0].offset != replay.after + 1:  # fetch() reads a contiguous range
+            replay.gone = HistoryGap(f"{replay.destination}: offset {replay.after + 1} is gone")
+        else:
+            replay.page = page
+        self._resume(replay)
+
+    def _loaded(self, replay: _Replay, failure: StorageUnavailable | None) -> None:
+        """(On the loop) the replay's topic is back in memory, or could not be read."""
+        if failure is not None:
+            replay.gone = HistoryGap(failure.detail)
+        self._resume(replay)
+
+    def _resume(self, replay: _Replay) -> None:
+        replay.waiting = False
+        if self._replays.get(replay.subscription.id) is replay:  # not unsubscribed meanwhile
+            self.wake()
+
+    def history_needs(self, event: events.Event) -> tuple[str, ...]:
+        """The history topics `handle(event)` will use, which must be in memory first."""
+        if isinstance(event, events.Send) and event.destination != TOKEN_DESTINATION:
+            destination, wildcards = event.destination, False
+        elif isinstance(event, events.Subscribe):
+            destination, wildcards = event.destination, True
+        else:
+            return ()
+        try:
+            route = parse_route(destination, wildcards=wildcards)
+        except InvalidDestination:
+            return ()  # handle() says why
+        if route.space == USER and not wildcards:  # a direct message: both inboxes
+            return (destination, USER_PREFIX + self.identity)
+        if route.space in (TOPIC, USER) and is_exact(route.pattern):
+            return (destination,)
+        return ()
 
     def _go_live(self, replay: _Replay) -> None:
         # Synchronous with the read that reached the high-water mark: no gap, no duplicate.
@@ -517,6 +601,14 @@ class StompSession:
     def _transaction(self, event: events.Begin | events.Commit | events.Abort) -> Acted:
         command = event.frame.command
         raise Unsupported(f"{command} not supported", "transactions are not supported")
+
+
+def _fell_behind(replay: _Replay) -> ReplayFellBehind:
+    return ReplayFellBehind(
+        "replay fell behind retention",
+        f"messages of {replay.destination} after offset {replay.after} are no longer"
+        " retained; subscribe again with since-offset to resume",
+    )
 
 
 def _history_request(frame: Frame, destination: str, route: Route) -> tuple[str, int] | None:
