@@ -50,6 +50,7 @@ from tests.conftest import (
     stomp_peer,
     token_for,
 )
+from tests.test_server_routes import upgrade_request
 
 SERVER = [sys.executable, "-m", "chat.server.cli"]
 
@@ -438,8 +439,7 @@ async def test_after_unrevoke_an_old_token_is_refused_at_the_upgrade(server: Ser
 
 
 def upgrade_with(token: str) -> Request:
-    offered = ("sec-websocket-protocol", f"v12.stomp, bearer.{token}")
-    return Request("GET", "/ws", (("upgrade", "websocket"), offered), b"")
+    return upgrade_request("v12.stomp", f"bearer.{token}")
 
 
 @pytest.fixture

@@ -172,7 +172,7 @@ async def test_a_revoked_identity_gets_no_token(server: Server) -> None:
 
 
 def upgrade_request(*offered: str) -> Request:
-    headers = [("upgrade", "websocket"), ("connection", "Upgrade")]
+    headers = [("host", "chat.test"), ("upgrade", "websocket"), ("connection", "Upgrade")]
     if offered:
         headers.append(("sec-websocket-protocol", ", ".join(offered)))
     return Request("GET", "/ws", tuple(headers), b"")
