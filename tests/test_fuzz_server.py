@@ -583,19 +583,11 @@ LARGEST_SENDS = [
         {"max_frame_bytes": 1 << 20, "outbound_buffer_bytes": 4 << 20},
         0,
         id="max-frame-bytes-1MiB",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="client CLIENT_LIMITS (256 KiB) is below what --max-frame-bytes lets a SEND be",
-        ),
     ),
     pytest.param(
         {"max_headers": 200},
         150,
         id="max-headers-200",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="client CLIENT_LIMITS (64 headers) is below what --max-headers lets a SEND have",
-        ),
     ),
 ]
 

@@ -39,7 +39,7 @@ from chat.client.http import TokenGrant
 from chat.client.messages import Message, Position, Subscribed
 from chat.client.tls import WS_SCHEMES, parse_url
 from chat.client.websocket import WebSocketLink, open_websocket
-from chat.protocol import events
+from chat.protocol import events, wire
 from chat.protocol.connection import SILENCE_FACTOR, ConnectionLimits, Role, StompConnection
 from chat.protocol.errors import CloseCode, LocalProtocolError, StompProtocolError
 from chat.protocol.stomp import Frame, Limits
@@ -75,8 +75,13 @@ RENEW_AT = 0.75  # renew an access token once this fraction of its lifetime has 
 RENEW_RETRY = 5.0  # seconds between renewal attempts after a failed one
 MIN_RENEW_DELAY = 0.5  # never renew in a tight loop, whatever expires_in says
 TOKEN_CLOCK_GRAIN = 1.0  # `exp` is whole seconds: a token may end up to 1 s before expires_in
-# A server MESSAGE is a SEND (the server's 64 KiB frame limit) plus the headers it adds.
-CLIENT_LIMITS = ConnectionLimits(frames=Limits(max_frame_bytes=256 * 1024, max_headers=64))
+# A server MESSAGE is a SEND (within the most any server may accept) plus what the server adds.
+CLIENT_LIMITS = ConnectionLimits(
+    frames=Limits(
+        max_frame_bytes=wire.MAX_FRAME_BYTES + wire.MESSAGE_OVERHEAD_BYTES,
+        max_headers=wire.MAX_HEADERS + wire.MESSAGE_OVERHEAD_HEADERS,
+    )
+)
 
 _CLOSE_MEANINGS: dict[int, str] = {  # PROTOCOL.md §6
     CloseCode.NORMAL: "closed by the server",

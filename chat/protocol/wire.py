@@ -18,6 +18,13 @@ TOKEN_DESTINATION: Final = "/session/token"  # §7: a SEND here renews the conne
 # §9: an identity (a certificate CN, a JWT `sub`, an inbox name) is 1-64 of these; it is also
 # a safe file name
 IDENTITY: Final = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+# The most a server may be configured to accept in one frame (--max-frame-bytes, --max-headers),
+# and what it adds to a SEND to make a MESSAGE (its own headers; a subscription id is short):
+# a client that reads within these bounds reads whatever a conforming server sends.
+MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+MAX_HEADERS: Final = 1024
+MESSAGE_OVERHEAD_BYTES: Final = 16 * 1024
+MESSAGE_OVERHEAD_HEADERS: Final = 16
 TEXT_PLAIN: Final = "text/plain;charset=utf-8"  # the content-type of a text body
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chat.cli_common import option
+from chat.protocol import wire
 
 DEFAULT_PORT = 8443
 # The outbound buffer must hold a couple of the largest frames, or healthy readers get evicted.
@@ -38,8 +39,8 @@ _BOUNDS: tuple[tuple[str, float, float], ...] = (
     ("token_lifetime", 1, _NO_MAX),
     ("refresh_lifetime", 1, _NO_MAX),
     ("clock_leeway", 0, 3600),
-    ("max_frame_bytes", 1024, 64 * 1024 * 1024),  # below 1 KiB not even a CONNECT with a token fits
-    ("max_headers", 4, 1024),  # CONNECT needs accept-version and host
+    ("max_frame_bytes", 1024, wire.MAX_FRAME_BYTES),  # under 1 KiB no CONNECT with a token fits
+    ("max_headers", 4, wire.MAX_HEADERS),  # CONNECT needs accept-version and host
     ("max_subscriptions", 1, 100_000),
     ("outbound_buffer_bytes", 1, _NO_MAX),
     ("max_connections", 1, 10_000_000),
