@@ -304,6 +304,7 @@ def test_help_shows_every_option_of_the_config_with_its_default() -> None:
         "--max-topics": "100000",
         "--shutdown-grace": "5",
         "--log-level": "info",
+        "--log-format": "text",
     }
     for flag, default in defaults.items():
         assert described[flag].endswith(f"(default {default})"), described[flag]

@@ -30,6 +30,7 @@ from chat.cli_common import (
 )
 from chat.protocol.policy import PolicyError
 from chat.protocol.tokens import TokenConfigError
+from chat.server import logs
 from chat.server.app import ChatServer
 from chat.server.config import DEFAULT_PORT, ConfigError, ServerConfig
 from chat.store.errors import StoreMissing, StoreUnusable
@@ -170,11 +171,7 @@ def _command(
 
 def _run_server(args: argparse.Namespace) -> int:
     config = config_from(ServerConfig, args)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(config)
     _ensure_dev_certs(config)
     trio.run(_serve, config)
     return EXIT_OK

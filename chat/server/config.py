@@ -18,6 +18,7 @@ DEFAULT_PORT = 8443
 MIN_BUFFER_FRAMES = 2
 HISTORY_KINDS = ("sqlite", "memory")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 # --help groups, in the order the README's "Server options" names them
 LISTENER = "listener"
@@ -284,6 +285,13 @@ class ServerConfig:
     # how often revocations and the policy file are re-read (live sessions then re-checked)
     revocation_poll: float = 1.0
     log_level: str = option("info", "log verbosity on stderr", group=LOGGING, choices=LOG_LEVELS)
+    log_format: str = option(
+        "text",
+        "log lines on stderr: text for people, or json (one object per line with ts, level, "
+        "event, peer, sub, conn and the event's fields) for log shipping",
+        group=LOGGING,
+        choices=LOG_FORMATS,
+    )
 
     def __post_init__(self) -> None:
         for name, low, high in _BOUNDS:
@@ -303,6 +311,8 @@ class ServerConfig:
             raise ConfigError(f"history must be sqlite or memory, not {self.history!r}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}")
 
     def cert_path(self) -> Path:
         return self.cert or self.certs_dir / "server.crt"
