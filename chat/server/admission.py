@@ -148,10 +148,15 @@ class FileLimit:
     def report(self, max_connections: int) -> None:
         """Log it once the server listens (not before: an error at start stays one line)."""
         if self.soft is None:
-            log.info("file limit: unlimited")
+            log.info("file limit: unlimited", extra={"event": "file_limit"})
             return
         raised = f" (raised from {self.was})" if self.was != self.soft else ""
-        log.info("file limit: %d open files%s", self.soft, raised)
+        log.info(
+            "file limit: %d open files%s",
+            self.soft,
+            raised,
+            extra={"event": "file_limit", "files": self.soft, "was": self.was},
+        )
         if self.connections < max_connections:
             log.warning(
                 "--max-connections %d does not fit the file limit of %d open files: serving "
@@ -159,6 +164,12 @@ class FileLimit:
                 max_connections,
                 self.soft,
                 self.connections,
+                extra={
+                    "event": "file_limit_too_low",
+                    "max_connections": max_connections,
+                    "files": self.soft,
+                    "connections": self.connections,
+                },
             )
 
 

@@ -88,7 +88,11 @@ class Durability:
             except HistoryGap as gap:
                 done(gap)
             except StorageUnavailable as exc:
-                log.error("history read failed (%s); a replay waits, retrying", exc.detail)
+                log.error(
+                    "history read failed (%s); a replay waits, retrying",
+                    exc.detail,
+                    extra={"event": "history_read_failed", "error": exc.detail},
+                )
                 await trio.sleep(RETRY_DELAY)
                 continue
             else:
@@ -117,7 +121,11 @@ class Durability:
             try:
                 await self._lane.run(self.history.commit, batch)
             except StorageUnavailable as exc:
-                log.error("history commit failed (%s); receipts wait, retrying", exc.detail)
+                log.error(
+                    "history commit failed (%s); receipts wait, retrying",
+                    exc.detail,
+                    extra={"event": "history_commit_failed", "error": exc.detail},
+                )
                 await trio.sleep(RETRY_DELAY)
                 continue
             self.history.mark_committed(batch)

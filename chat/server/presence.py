@@ -57,7 +57,10 @@ class Presence:
         count = counts.get(identity, 0)
         if count == 0:
             log.warning(
-                "presence: leave of %r from room %r, which it had not joined", identity, room
+                "presence: leave of %r from room %r, which it had not joined",
+                identity,
+                room,
+                extra={"event": "presence_leave_unjoined", "sub": identity, "room": room},
             )
             return
         if count > 1:
