@@ -25,7 +25,8 @@ never per delivered message: the session holds its identity's `Rights` from the 
 force, and each `check_authorization()` (the connection's guard at the token's expiry, the
 server's watchers after each revocation or policy change) compares them with the current ones;
 a subscription the new rights no longer allow ends the session with `ERROR message:forbidden`.
-A SEND to `/user/NAME` is stored twice (§10): in NAME's inbox and in the sender's own. Exact
+A SEND to `/user/NAME` is stored twice (§10): in NAME's inbox and in the sender's own; `post`
+does that for a SEND and for an admin's publish (admin.py) alike. Exact
 topic subscriptions make their identity a member of the room (§11); a `/presence/ROOM`
 subscription gets its snapshot after its RECEIPT.
 """
@@ -35,7 +36,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from chat.history import HistoryGap, NotLoaded, OnDisk
@@ -208,6 +209,46 @@ def _content_type(frame: Frame) -> str:
     return TEXT_PLAIN
 
 
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A message stored: its copy at the destination, and the append sequence that makes
+    every copy durable."""
+
+    stored: Stored
+    durable_seq: int
+
+
+def stored_in(destination: str, route: Route, sender: str) -> tuple[str, ...]:
+    """The history topics a message from `sender` to `destination` is stored in, which must
+    be in memory before `post`: a direct message goes to both inboxes (PROTOCOL.md §10)."""
+    if route.space == USER:
+        return (destination, USER_PREFIX + sender)
+    return (destination,) if route.space == TOPIC else ()
+
+
+def post(broker: Broker, message: Published) -> Posted:
+    """Store a message its sender may send and deliver it once durable (a session's SEND, an
+    admin's publish). A direct message (PROTOCOL.md §10) is one copy in NAME's inbox and one
+    in the sender's (once, to oneself), both with `to`."""
+    if message.route.space != USER:
+        stored = broker.publish(message)
+        return Posted(stored, stored.seq)
+    name = message.route.pattern[0]
+    headers = (*message.extra_headers, ("to", name))
+    copies = [
+        broker.publish(
+            replace(
+                message,
+                destination=USER_PREFIX + owner,
+                route=Route(USER, (owner,)),
+                extra_headers=headers,
+            )
+        )
+        for owner in dict.fromkeys((name, message.sender))
+    ]
+    return Posted(copies[0], max(copy.seq for copy in copies))
+
+
 class StompSession:
     """The policy state of one authenticated STOMP connection."""
 
@@ -374,11 +415,15 @@ class StompSession:
             route = parse_route(destination, wildcards=wildcards)
         except InvalidDestination:
             return ()  # handle() says why
-        if route.space == USER and not wildcards:  # a direct message: both inboxes
-            return (destination, USER_PREFIX + self.identity)
+        if not wildcards:
+            return stored_in(destination, route, self.identity)
         if route.space in (TOPIC, USER) and is_exact(route.pattern):
             return (destination,)
         return ()
+
+    def destinations(self) -> list[str]:
+        """What the session is subscribed to, oldest first (replays included)."""
+        return [live.destination for live in self._subscriptions.values()]
 
     def _go_live(self, replay: _Replay) -> None:
         # Synchronous with the read that reached the high-water mark: no gap, no duplicate.
@@ -438,42 +483,30 @@ class StompSession:
             self._renew(frame.body)
             return ACTED
         route = _send_route(destination)
-        extra = tuple((name, value) for name, value in frame.headers if name not in SERVER_HEADERS)
-        if route.space == USER:
-            return self._direct(frame, route.pattern[0], extra)
         if route.space == PRESENCE:
             raise InvalidDestination(
                 "cannot send to presence", f"{destination} is announced by the server"
             )
-        if not self._rights.may_publish(route.pattern):
+        self._authorize_send(destination, route)
+        extra = tuple((name, value) for name, value in frame.headers if name not in SERVER_HEADERS)
+        message = Published(
+            destination, route, self.identity, _content_type(frame), frame.body, extra
+        )
+        return Acted(durable_seq=post(self._broker, message).durable_seq)
+
+    def _authorize_send(self, destination: str, route: Route) -> None:
+        """Forbidden unless the rights allow publishing to the topic, or messaging the inbox's
+        owner (PROTOCOL.md §9, §10)."""
+        if route.space == USER:
+            name = route.pattern[0]
+            if not self._rights.may_message(name):
+                raise Forbidden(
+                    "forbidden", f"the policy does not let {self.identity} message {name}"
+                )
+        elif not self._rights.may_publish(route.pattern):
             raise Forbidden(
                 "forbidden", f"the policy does not let {self.identity} publish to {destination}"
             )
-        stored = self._broker.publish(
-            Published(destination, route, self.identity, _content_type(frame), frame.body, extra)
-        )
-        return Acted(durable_seq=stored.seq)
-
-    def _direct(self, frame: Frame, name: str, extra: tuple[tuple[str, str], ...]) -> Acted:
-        """A direct message (PROTOCOL.md §10): one copy in NAME's inbox, one in the sender's
-        (once, to oneself), both with `to`; the RECEIPT waits for both."""
-        if not self._rights.may_message(name):
-            raise Forbidden("forbidden", f"the policy does not let {self.identity} message {name}")
-        headers = (*extra, ("to", name))
-        seq = 0
-        for owner in dict.fromkeys((name, self.identity)):
-            stored = self._broker.publish(
-                Published(
-                    USER_PREFIX + owner,
-                    Route(USER, (owner,)),
-                    self.identity,
-                    _content_type(frame),
-                    frame.body,
-                    headers,
-                )
-            )
-            seq = max(seq, stored.seq)
-        return Acted(durable_seq=seq)
 
     def _renew(self, body: bytes) -> None:
         try:
