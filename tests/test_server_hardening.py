@@ -50,7 +50,7 @@ from tests.conftest import (
     stomp_peer,
     token_for,
 )
-from tests.test_server_routes import upgrade_request
+from tests.test_server_routes import idle_admin, upgrade_request
 
 SERVER = [sys.executable, "-m", "chat.server.cli"]
 
@@ -100,6 +100,7 @@ def make_server(
             max_refresh_families=max_refresh_families,
         ),
         lambda: policy,
+        idle_admin(),
         lambda: holder[0].now,
     )
     holder.append(Server(authority, state, api))

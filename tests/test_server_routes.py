@@ -11,10 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from chat.history import History
 from chat.protocol.errors import HttpRefusal
 from chat.protocol.policy import DEFAULT_POLICY, Policy
 from chat.protocol.tokens import Claims, TokenAuthority, TokenPolicy
+from chat.server.admin import Admin
+from chat.server.broker import Broker
 from chat.server.config import ServerConfig
+from chat.server.durability import Durability
 from chat.server.http_api import HttpApi, Peer, Request, Response, refusal_response
 from chat.server.upgrade import authorize, is_upgrade
 from chat.store.keys import KeyStore
@@ -52,11 +56,19 @@ def server(tmp_path: Path) -> Iterator[Server]:
         InlineLane(),
         ServerConfig(refresh_lifetime=3600),
         lambda: policy,
+        idle_admin(),
         lambda: holder[0].clock(),
     )
     holder.append(Server(authority, keys, state, api))
     yield holder[0]
     state.close()
+
+
+def idle_admin() -> Admin:
+    """The admin routes over no connections and an empty history (tests/test_server_admin.py
+    exercises them on a running server)."""
+    history = History.memory()
+    return Admin(set(), Broker(history, Durability(history, InlineLane())))
 
 
 def request(method: str, path: str, *headers: tuple[str, str], body: bytes = b"") -> Request:

@@ -45,6 +45,7 @@ from chat.protocol.stomp import FrameParser, Limits
 from chat.protocol.tokens import Claims, TokenAuthority, TokenPolicy, TrustedIssuer
 from chat.protocol.wire import WS_PATH
 from chat.server.acl import PolicyFile
+from chat.server.admin import Admin
 from chat.server.admission import Admission, fit_file_limit
 from chat.server.broker import Broker
 from chat.server.config import ServerConfig
@@ -191,6 +192,7 @@ class ChatServer:
         self.durability = Durability(self.history, self.history_lane)
         self.broker = Broker(self.history, self.durability, clock)
         self.presence = Presence()
+        self.connections: set[Connection] = set()
         self.api = HttpApi(
             self.authority,
             self.keys,
@@ -198,9 +200,9 @@ class ChatServer:
             self.state_lane,
             config,
             lambda: self.policy.current,
+            Admin(self.connections, self.broker),
             clock,
         )
-        self.connections: set[Connection] = set()
         self.identities = IdentitySlots(config.max_connections_per_identity)
         self._refusals = LogRate(REFUSAL_LINES, REFUSAL_WINDOW)
         self._stop = trio.Event()
@@ -462,7 +464,7 @@ class ChatServer:
                     raw, self.tls.current(), server_side=True, https_compatible=True
                 )
                 await stream.do_handshake()
-                peer = _peer_of(stream)
+                peer = _peer_of(stream, _address(raw))
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             reason = refusal_reason(exc)
             if reason is None:
@@ -537,6 +539,8 @@ class ChatServer:
             FrameParser(self._frame_limits),
             self.config.connect_timeout,
             self.config.close_timeout,
+            address=peer.address,
+            since=self.clock(),
         )
         outbox.push(ws.send(AcceptConnection(subprotocol=upgrade.subprotocol)))
         log.info("%s connected as %s (%s)", peer.identity, session.id, upgrade.subprotocol)
@@ -567,11 +571,11 @@ def _open_history(config: ServerConfig) -> History:
     return History.open_sqlite(config.state_dir / "history.db", retention)
 
 
-def _peer_of(stream: TlsStream) -> Peer:
+def _peer_of(stream: TlsStream, address: str) -> Peer:
     der = stream.getpeercert(binary_form=True)
     if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than assume
         raise trio.BrokenResourceError("no client certificate")
-    return Peer(pki.client_identity(der), pki.thumbprint(der))
+    return Peer(pki.client_identity(der), pki.thumbprint(der), address)
 
 
 def _address(raw: trio.SocketStream) -> str:

@@ -133,8 +133,13 @@ class Connection:
         parser: FrameParser,
         connect_timeout: float,
         close_timeout: float,
+        *,
+        address: str,
+        since: float,
     ) -> None:
         self.session = session
+        self.address = address  # the client's "ip:port", for GET /admin/connections
+        self.since = since  # when it opened, by the server's wall clock
         self._stream = stream
         self._ws = ws
         self._outbox = outbox

@@ -7,7 +7,8 @@ await it in the state store's `Lane`, so the event loop and every other connecti
 meanwhile. Before that, each identity's token requests (both routes, one bucket) pass a rate
 limit (PROTOCOL.md §12), and a refresh body must be exactly `{"refresh_token": "<string>"}`:
 whatever else arrives is refused with its reason, never a traceback. JWKS is served from the
-signing keys in memory.
+signing keys in memory. The admin routes (PROTOCOL.md §12) answer only identities whose
+policy rights say `admin`; what they do is admin.py's.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from chat.protocol.errors import HttpRefusal
+from chat.protocol.errors import HttpRefusal, InvalidDestination
 from chat.protocol.policy import Policy
 from chat.protocol.tokens import TokenAuthority
-from chat.protocol.wire import BEARER_PREFIX, STOMP_SUBPROTOCOL, WS_PATH
+from chat.protocol.wire import BEARER_PREFIX, IDENTITY, STOMP_SUBPROTOCOL, TEXT_PLAIN, WS_PATH
+from chat.server.admin import Admin
 from chat.server.config import ServerConfig
 from chat.server.ratelimit import RateLimiter
 from chat.server.storage import Lane
@@ -37,10 +39,12 @@ UPGRADE_HINT = (
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """Who is on the other end of the TLS connection, from its client certificate."""
+    """Who is on the other end of the TLS connection: its client certificate's identity and
+    thumbprint, and where it connects from."""
 
     identity: str
     x5t: str
+    address: str = ""  # the client's "ip:port" ("" below TLS, where there is none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,13 @@ class RateLimited(HttpRefusal):
         return [("Retry-After", str(self.retry_after))]
 
 
+class AdminOnly(HttpRefusal):
+    """An admin route asked for by an identity the policy does not make admin (§9, §12)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(HttpRefusal):
     status = 404
     code = "not_found"
@@ -114,7 +125,8 @@ Handler = Callable[[Request, Peer], Awaitable[Response]]
 
 
 class HttpApi:
-    """Routes plain requests: token issue and refresh, JWKS, health, the 426 hint and 404."""
+    """Routes plain requests: token issue and refresh, JWKS, health, the admin routes, the
+    426 hint and 404."""
 
     def __init__(
         self,
@@ -124,6 +136,7 @@ class HttpApi:
         state_lane: Lane,
         config: ServerConfig,
         policy: Callable[[], Policy],
+        admin: Admin,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._authority = authority
@@ -132,6 +145,7 @@ class HttpApi:
         self._state_lane = state_lane
         self._config = config
         self._policy = policy
+        self._admin = admin
         self._clock = clock
         self._token_requests = RateLimiter(config.token_rate, config.token_burst)
         self._routes: dict[str, dict[str, Handler]] = {
@@ -141,6 +155,9 @@ class HttpApi:
             "/.well-known/jwks.json": {"GET": self._jwks},
             "/healthz": {"GET": self._health},
             "/auth/me": {"GET": self._me},
+            "/admin/publish": {"POST": self._admin_publish},
+            "/admin/connections": {"GET": self._admin_connections},
+            "/admin/disconnect": {"POST": self._admin_disconnect},
         }
 
     async def handle(self, request: Request, peer: Peer) -> Response:
@@ -171,6 +188,41 @@ class HttpApi:
         """What the policy in force lets this identity do (PROTOCOL.md §9)."""
         rights = self._policy().rights(peer.identity)
         return json_response(200, rights.as_json(), (("Cache-Control", "no-store"),))
+
+    async def _admin_publish(self, request: Request, peer: Peer) -> Response:
+        """Publish as the admin identity; 200 once the message is durable (PROTOCOL.md §12)."""
+        self._check_admin(peer)
+        fields = _string_fields(request.body, PUBLISH_BODY, PUBLISH_REQUIRED, PUBLISH_OPTIONAL)
+        content_type = fields.get("content_type", TEXT_PLAIN)
+        if not content_type or not content_type.isprintable():
+            raise BadRequest("content_type must be a non-empty string of printable characters")
+        try:
+            body = fields["body"].encode()
+        except UnicodeEncodeError:  # JSON may escape a lone surrogate: "\ud800"
+            raise BadRequest("body must be valid Unicode: it has a lone surrogate") from None
+        try:
+            stored = await self._admin.publish(
+                peer.identity, fields["destination"], body, content_type
+            )
+        except InvalidDestination as exc:
+            raise BadRequest(f"{exc.detail}; publish to /topic/NAME or /user/NAME") from None
+        return json_response(200, {"offset": stored.offset, "epoch": stored.epoch})
+
+    async def _admin_connections(self, request: Request, peer: Peer) -> Response:
+        self._check_admin(peer)
+        live = [connection.as_json() for connection in self._admin.connections()]
+        return json_response(200, live, (("Cache-Control", "no-store"),))
+
+    async def _admin_disconnect(self, request: Request, peer: Peer) -> Response:
+        self._check_admin(peer)
+        sub = _string_fields(request.body, DISCONNECT_BODY, ("sub",))["sub"]
+        if IDENTITY.fullmatch(sub) is None:
+            raise BadRequest("sub is not an identity (1-64 of A-Z a-z 0-9 _ . @ -)")
+        return json_response(200, {"disconnected": self._admin.disconnect(peer.identity, sub)})
+
+    def _check_admin(self, peer: Peer) -> None:
+        if not self._policy().rights(peer.identity).admin:
+            raise AdminOnly(f"the policy does not make {peer.identity} an admin (admin = true)")
 
     async def _jwks(self, request: Request, peer: Peer) -> Response:
         return json_response(200, self._keys.jwks(), (("Cache-Control", "max-age=60"),))
@@ -226,41 +278,57 @@ class HttpApi:
         return json_response(200, grant, (("Cache-Control", "no-store"), ("Pragma", "no-cache")))
 
 
-REFRESH_BODY = '{"refresh_token": "..."}'  # the one body POST /auth/refresh takes (§7)
+# The bodies the POST routes take (PROTOCOL.md §7, §12), as their refusals quote them
+REFRESH_BODY = '{"refresh_token": "..."}'
+PUBLISH_BODY = '{"destination": "/topic/NAME", "body": "...", "content_type": "..."}'
+PUBLISH_REQUIRED = ("destination", "body")  # destination: /topic/NAME or /user/NAME
+PUBLISH_OPTIONAL = ("content_type",)  # default TEXT_PLAIN
+DISCONNECT_BODY = '{"sub": "NAME"}'
 
 
 def _refresh_token_of(request: Request) -> str:
-    """The token of a body that is exactly `{"refresh_token": "<string>"}`; anything else is
-    a `BadRequest` saying what is wrong (never a traceback, whatever the bytes)."""
-    payload = _json_of(request.body)
-    if not isinstance(payload, dict):
-        raise BadRequest(f"body must be a JSON object {REFRESH_BODY}, not {_json_kind(payload)}")
-    unknown = ", ".join(repr(name) for name in sorted(set(payload) - {"refresh_token"}))
-    if unknown:
-        raise BadRequest(f"body has unknown fields {unknown}: send {REFRESH_BODY}")
-    if "refresh_token" not in payload:
-        raise BadRequest(f"body has no refresh_token: send {REFRESH_BODY}")
-    token = payload["refresh_token"]
-    if not isinstance(token, str) or isinstance(token, _Number):
-        raise BadRequest(f"refresh_token must be a string, not {_json_kind(token)}")
+    """The token of a body that is exactly `{"refresh_token": "<string>"}`."""
+    token = _string_fields(request.body, REFRESH_BODY, ("refresh_token",))["refresh_token"]
     if not token:
         raise BadRequest("refresh_token is empty")
     return token
 
 
-def _json_of(body: bytes) -> object:
-    """`body` parsed as JSON. Numbers stay text: a 5,000-digit one would trip Python's
-    int-string limit, and no accepted body holds a number anyway."""
+def _string_fields(
+    body: bytes, shape: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """The fields of a body that is a JSON object of strings: every `required` one and any
+    `optional` one, nothing else. Anything else is a `BadRequest` saying what is wrong and
+    quoting `shape`, the body to send (never a traceback, whatever the bytes)."""
+    payload = _json_of(body, shape)
+    if not isinstance(payload, dict):
+        raise BadRequest(f"body must be a JSON object {shape}, not {_json_kind(payload)}")
+    unknown = ", ".join(repr(name) for name in sorted(set(payload) - {*required, *optional}))
+    if unknown:
+        raise BadRequest(f"body has unknown fields {unknown}: send {shape}")
+    for name in required:
+        if name not in payload:
+            raise BadRequest(f"body has no {name}: send {shape}")
+    for name, value in payload.items():
+        if not isinstance(value, str) or isinstance(value, _Number):
+            raise BadRequest(f"{name} must be a string, not {_json_kind(value)}")
+    return payload
+
+
+def _json_of(body: bytes, shape: str) -> object:
+    """`body` parsed as JSON (`shape` is what to send instead). Numbers stay text: a
+    5,000-digit one would trip Python's int-string limit, and no accepted body holds a
+    number anyway."""
     try:
         text = body.decode()
     except UnicodeDecodeError:
-        raise BadRequest(f"body must be UTF-8 JSON: {REFRESH_BODY}") from None
+        raise BadRequest(f"body must be UTF-8 JSON: {shape}") from None
     try:
         return json.loads(text, parse_int=_Number, parse_float=_Number, parse_constant=_Number)
     except RecursionError:  # the C scanner's guard against deep nesting: [[[[...]]]]
-        raise BadRequest(f"body is nested too deeply: send {REFRESH_BODY}") from None
+        raise BadRequest(f"body is nested too deeply: send {shape}") from None
     except json.JSONDecodeError as exc:
-        raise BadRequest(f"body is not JSON ({exc}): send {REFRESH_BODY}") from None
+        raise BadRequest(f"body is not JSON ({exc}): send {shape}") from None
 
 
 class _Number(str):
