@@ -17,10 +17,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from chat.cli_common import UsageError, config_from
+from chat.client.errors import TokenRefused
 from chat.server import logs
 from chat.server.cli import build_parser
 from chat.server.config import ConfigError, ServerConfig
 from chat.store.state import StateStore
+from tests.below_tls import BelowTls
+from tests.conftest import RunningServer, TestPki, raw_ws
+from tests.test_server_connections import refused_handshake
 
 PASSPHRASE = "correct horse battery staple"
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -221,3 +225,50 @@ def test_a_log_call_with_bad_arguments_is_still_redacted(secrets: list[Secret]) 
     record = logging.makeLogRecord({"msg": "two %s %s", "args": (secrets[0].value,)})
     assert logs.Redactor().filter(record)
     assert record.getMessage() == "two %s %s ('[redacted access token]',)"
+
+
+# ---------------------------------------------------------------- real events
+
+
+async def test_connected_and_closed_carry_who_and_why(
+    configure, start_below_tls, autojump_clock
+) -> None:
+    captured = configure(log_format="json")
+    below: BelowTls = await start_below_tls()
+    async with below.client("alice") as alice:
+        session = alice.session
+    [connected] = captured.events("connected")
+    assert (connected["sub"], connected["conn"]) == ("alice", session)
+    assert connected["subprotocol"] == "v12.stomp"
+    [closed] = captured.events("closed")
+    assert (closed["sub"], closed["conn"], closed["code"]) == ("alice", session, 1000)
+    assert "reason" in closed
+    assert "bearer." not in captured.text() and "eyJ" not in captured.text()
+
+
+async def test_a_refused_upgrade_says_its_code(configure, start_below_tls, autojump_clock) -> None:
+    captured = configure(log_format="json")
+    below: BelowTls = await start_below_tls()
+    with pytest.raises(TokenRefused):
+        async with below.client("alice", token="not-a-token"):
+            pass
+    [refused] = captured.events("upgrade_refused")
+    assert (refused["sub"], refused["code"], refused["status"]) == ("alice", "invalid_token", 401)
+    assert "peer" not in refused  # below TLS there is no address
+
+
+async def test_over_tls_the_lines_say_where_the_peer_is(
+    configure, start_server, pki: TestPki
+) -> None:
+    captured = configure(log_format="json")
+    server: RunningServer = await start_server()
+    async with raw_ws(server, pki, "alice"):
+        pass
+    await refused_handshake(server, pki.foreign_context())
+    await server.stop()
+    [connected], [closed] = captured.events("connected"), captured.events("closed")
+    assert connected["peer"] == closed["peer"]
+    assert str(connected["peer"]).startswith("127.0.0.1:")
+    assert (closed["sub"], closed["conn"]) == ("alice", connected["conn"])
+    [refused] = captured.events("handshake_refused")
+    assert str(refused["peer"]).startswith("127.0.0.1:") and refused["reason"] == "unknown CA"

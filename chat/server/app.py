@@ -141,7 +141,11 @@ class TlsContexts:
                 self._context = self._build()
             except pki.PkiError as exc:
                 self._crl_mtime = mtime  # said once per change of the file
-                log.error("CRL not reloaded, the previous one stays in force: %s", exc)
+                log.error(
+                    "CRL not reloaded, the previous one stays in force: %s",
+                    exc,
+                    extra={"event": "crl_not_reloaded", "error": str(exc)},
+                )
         return self._context
 
 
@@ -248,6 +252,7 @@ class ChatServer:
                 port,
                 self.config.host,
                 port,
+                extra={"event": "listening", "host": self.config.host, "port": port},
             )
             self.file_limit.report(self.config.max_connections)
             task_status.started(port)
@@ -304,6 +309,11 @@ class ChatServer:
             if current == checked:
                 continue
             checked = current
+            log.info(
+                "revocations changed; re-checking %d connections",
+                len(self.connections),
+                extra={"event": "revocations_changed", "connections": len(self.connections)},
+            )
             for connection in list(self.connections):
                 connection.check_authorization()
 
@@ -333,10 +343,18 @@ class ChatServer:
                 outage.failed(exc)
                 continue
             except PolicyError as exc:
-                log.error("policy not reloaded, the previous one stays in force: %s", exc)
+                log.error(
+                    "policy not reloaded, the previous one stays in force: %s",
+                    exc,
+                    extra={"event": "policy_not_reloaded", "error": str(exc)},
+                )
                 continue
             outage.over()
-            log.info("policy reloaded from %s", self.policy.path)
+            log.info(
+                "policy reloaded from %s",
+                self.policy.path,
+                extra={"event": "policy_reloaded", "path": str(self.policy.path)},
+            )
             for connection in list(self.connections):
                 connection.check_authorization()
 
@@ -348,7 +366,11 @@ class ChatServer:
                 await self.keys_lane.run(self.keys.prune, now, lifetime)
                 await self.state_lane.run(self.state.prune, now)
             except StorageUnavailable as exc:
-                log.warning("expired keys and tokens not pruned (%s); next time", exc.detail)
+                log.warning(
+                    "expired keys and tokens not pruned (%s); next time",
+                    exc.detail,
+                    extra={"event": "prune_failed", "error": exc.detail},
+                )
             await trio.sleep(PRUNE_INTERVAL)
 
     async def _summarize(self) -> None:
@@ -359,7 +381,12 @@ class ChatServer:
             await trio.sleep(REFUSAL_WINDOW)
             held = self._refusals.held_back()
             if held:
-                log.info("%d more refused handshakes in the last %g s", held, REFUSAL_WINDOW)
+                log.info(
+                    "%d more refused handshakes in the last %g s",
+                    held,
+                    REFUSAL_WINDOW,
+                    extra={"event": "handshakes_refused", "count": held, "window": REFUSAL_WINDOW},
+                )
             if self.admission.shed_total != shed or self.admission.refused_total != refused:
                 log.warning(
                     "in the last %g s: %d unfinished connections shed, %d new ones refused "
@@ -371,12 +398,25 @@ class ChatServer:
                     self.admission.max_connections,
                     self.admission.handshakes,
                     self.admission.max_handshakes,
+                    extra={
+                        "event": "connections_shed",
+                        "window": REFUSAL_WINDOW,
+                        "shed": self.admission.shed_total - shed,
+                        "refused": self.admission.refused_total - refused,
+                        "connections": self.admission.connections,
+                        "handshakes": self.admission.handshakes,
+                    },
                 )
                 shed, refused = self.admission.shed_total, self.admission.refused_total
 
     def _refused(self, raw: trio.SocketStream, reason: object) -> None:
         if self._refusals.allow(trio.current_time()):
-            log.info("refused %s: %s", _address(raw), reason)
+            log.info(
+                "refused %s: %s",
+                _address(raw),
+                reason,
+                extra={"event": "handshake_refused", "peer": _address(raw), "reason": str(reason)},
+            )
 
     def _is_revoked(self, claims: Claims) -> bool:
         """From the revocation snapshot: the event loop never reads the database."""
@@ -396,7 +436,11 @@ class ChatServer:
                         for conn in _accept_batch(sock):
                             self._arrive_socket(trio.socket.from_stdlib_socket(conn), handlers)
                     except OSError as exc:  # out of files or memory: FILE_RESERVE was not enough
-                        log.error("cannot accept connections: %s", exc.strerror)
+                        log.error(
+                            "cannot accept connections: %s",
+                            exc.strerror,
+                            extra={"event": "accept_failed", "error": exc.strerror},
+                        )
                         await trio.sleep(ACCEPT_PAUSE)
 
     def _arrive_socket(self, sock: trio.socket.SocketType, handlers: trio.Nursery) -> None:
@@ -404,7 +448,11 @@ class ChatServer:
         the bound even while the handlers of a whole batch have yet to run."""
         ticket = Ticket(sock.close)
         if not self._arrive(ticket):
-            log.debug("connection refused: %d connections", self.admission.connections)
+            log.debug(
+                "connection refused: %d connections",
+                self.admission.connections,
+                extra={"event": "connection_refused", "connections": self.admission.connections},
+            )
             sock.close()
             return
         raw = trio.SocketStream(sock)
@@ -444,7 +492,10 @@ class ChatServer:
             try:
                 await serve(ticket)
             except Exception:
-                log.exception("internal error on a connection; it was closed")
+                log.exception(
+                    "internal error on a connection; it was closed",
+                    extra={"event": "internal_error"},
+                )
             finally:
                 await trio.aclose_forcefully(stream)
                 self.admission.left(ticket)
@@ -468,7 +519,11 @@ class ChatServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             reason = refusal_reason(exc)
             if reason is None:
-                log.debug("handshake failed: %r", exc)
+                log.debug(
+                    "handshake failed: %r",
+                    exc,
+                    extra={"event": "handshake_failed", "peer": _address(raw), "error": repr(exc)},
+                )
             else:
                 self._refused(raw, reason)
             return
@@ -491,7 +546,9 @@ class ChatServer:
             with trio.fail_at(head_deadline):
                 request = await _read_request(stream, http)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-            log.debug("no request head: %r", exc)
+            log.debug(
+                "no request head: %r", exc, extra={"event": "no_request_head", "error": repr(exc)}
+            )
             return
         except (h11.RemoteProtocolError, HttpRefusal) as exc:
             await _respond(stream, http, refusal_response(_as_refusal(exc)))
@@ -518,7 +575,19 @@ class ChatServer:
             await _respond(stream, http, refusal_response(BadHandshake(str(exc))))
             return
         except HttpRefusal as refusal:
-            log.info("refused upgrade from %s: %s", peer.identity, refusal.code)
+            log.info(
+                "refused upgrade from %s: %s",
+                peer.identity,
+                refusal.code,
+                extra={
+                    "event": "upgrade_refused",
+                    "peer": peer.address or None,
+                    "sub": peer.identity,
+                    "status": refusal.status,
+                    "code": refusal.code,
+                    "detail": refusal.detail,
+                },
+            )
             await _respond(stream, http, refusal_response(refusal))
             return
         try:
@@ -543,7 +612,19 @@ class ChatServer:
             since=self.clock(),
         )
         outbox.push(ws.send(AcceptConnection(subprotocol=upgrade.subprotocol)))
-        log.info("%s connected as %s (%s)", peer.identity, session.id, upgrade.subprotocol)
+        log.info(
+            "%s connected as %s (%s)",
+            peer.identity,
+            session.id,
+            upgrade.subprotocol,
+            extra={
+                "event": "connected",
+                "peer": peer.address or None,
+                "sub": peer.identity,
+                "conn": session.id,
+                "subprotocol": upgrade.subprotocol,
+            },
+        )
         self.connections.add(connection)
         try:
             await connection.run(data)
@@ -641,12 +722,21 @@ class _Outage:
 
     def failed(self, exc: StorageUnavailable) -> None:
         if not self._failing:
-            log.warning("%s fails (%s); retrying", self._task, exc.detail)
+            log.warning(
+                "%s fails (%s); retrying",
+                self._task,
+                exc.detail,
+                extra={"event": "storage_failing", "task": self._task, "error": exc.detail},
+            )
         self._failing = True
 
     def over(self) -> None:
         if self._failing:
-            log.warning("%s works again", self._task)
+            log.warning(
+                "%s works again",
+                self._task,
+                extra={"event": "storage_recovered", "task": self._task},
+            )
         self._failing = False
 
 

@@ -357,6 +357,14 @@ class Connection:
             self.session.identity,
             ending.code,
             ending.reason,
+            extra={
+                "event": "closed",
+                "peer": self.address or None,
+                "sub": self.session.identity,
+                "conn": self.session.id,
+                "code": int(ending.code),
+                "reason": ending.reason,
+            },
         )
 
     async def _await_peer_close(self, ws: WSConnection | Framing) -> None:
