@@ -15,6 +15,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from trio_websocket import ConnectionClosed
 
 from chat.cli_common import UsageError, config_from
 from chat.client.errors import TokenRefused
@@ -272,3 +273,19 @@ async def test_over_tls_the_lines_say_where_the_peer_is(
     assert (closed["sub"], closed["conn"]) == ("alice", connected["conn"])
     [refused] = captured.events("handshake_refused")
     assert str(refused["peer"]).startswith("127.0.0.1:") and refused["reason"] == "unknown CA"
+
+
+async def test_a_revocation_is_seen_and_ends_the_connection(
+    configure, start_below_tls, autojump_clock
+) -> None:
+    captured = configure(log_format="json")
+    below: BelowTls = await start_below_tls()
+    async with below.stomp_peer("alice") as alice:
+        below.server.state.revoke_sub("alice", below.server.clock())  # as `chat-server revoke`
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await alice.ws.get_message()
+    [seen] = captured.events("revocations_changed")
+    assert seen["connections"] == 1
+    [closed] = captured.events("closed")
+    assert (closed["sub"], closed["code"], closed["reason"]) == ("alice", 1008, "token revoked")

@@ -204,8 +204,11 @@ async def _serve(config: ServerConfig) -> None:
         _print_hint(config, port)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
+                name = signal.Signals(signum).name
                 logging.getLogger("chat.server").info(
-                    "%s: closing connections (1001)", signal.Signals(signum).name
+                    "%s: closing connections (1001)",
+                    name,
+                    extra={"event": "shutting_down", "signal": name},
                 )
                 server.shutdown()
                 break
