@@ -6,8 +6,9 @@ SHA-256 of its DER is the `x5t#S256` thumbprint that access tokens are bound to 
 Revocation is a CRL signed by the same CA and loaded into the server's SSL context with
 leaf CRL checking, so a revoked certificate fails the TLS handshake. Files are written whole
 (`chat.store.files`), created once, never overwritten, and private keys are born 0600; the
-only file ever replaced is the CRL, atomically. Every failure is a `PkiError` whose message
-names the file, so a CLI can print it as one line. Pure module: no trio.
+only files ever replaced are the CRL and, on rotation, the server pair, each atomically.
+Every failure is a `PkiError` whose message names the file, so a CLI can print it as one
+line. Pure module: no trio.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ MAX_CN = 64  # RFC 5280 ub-common-name
 DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")  # the quick start connects over loopback
 CLOCK_SKEW = timedelta(minutes=5)  # backdate validity so a peer with a slow clock still accepts
 CRL_DAYS = 3650  # OpenSSL rejects every client once nextUpdate passes; each revoke re-signs anyway
+EXPIRY_WARNING = timedelta(days=30)  # time enough to renew before clients are refused
 KEY_MODE = 0o600  # private keys: owner only
 PUBLIC_MODE = 0o644  # certificates and the CRL are public
 DIR_MODE = 0o700  # the certs directory holds private keys
@@ -254,8 +256,11 @@ def _check_client_name(name: str) -> None:
 # ---------------------------------------------------------------- files
 
 
-def write_private_key(path: Path, key: PrivateKeyTypes, passphrase: bytes | None = None) -> None:
-    """Write `key` as PKCS#8 PEM, born 0600, encrypted when a passphrase is given."""
+def write_private_key(
+    path: Path, key: PrivateKeyTypes, passphrase: bytes | None = None, *, replace: bool = False
+) -> None:
+    """Write `key` as PKCS#8 PEM, born 0600, encrypted when a passphrase is given; an
+    existing file is an error unless `replace` (then it is swapped atomically)."""
     if passphrase is None:
         encryption: serialization.KeySerializationEncryption = serialization.NoEncryption()
     elif not passphrase:
@@ -265,21 +270,17 @@ def write_private_key(path: Path, key: PrivateKeyTypes, passphrase: bytes | None
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    _write(Path(path), pem, KEY_MODE)
+    _write(Path(path), pem, KEY_MODE, replace=replace)
 
 
-def write_certificate(path: Path, cert: x509.Certificate) -> None:
-    """Write `cert` as PEM; an existing file is an error, never overwritten."""
-    _write(Path(path), cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+def write_certificate(path: Path, cert: x509.Certificate, *, replace: bool = False) -> None:
+    """Write `cert` as PEM: a new file, or with `replace` an atomic swap of the old one."""
+    _write(Path(path), cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE, replace=replace)
 
 
 def write_crl(path: Path, crl: x509.CertificateRevocationList, *, replace: bool = False) -> None:
     """Write `crl` as PEM: a new file, or with `replace` an atomic swap of the old one."""
-    pem = crl.public_bytes(serialization.Encoding.PEM)
-    if replace:
-        _write(Path(path), pem, PUBLIC_MODE, replace=True)
-    else:
-        _write(Path(path), pem, PUBLIC_MODE)
+    _write(Path(path), crl.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE, replace=replace)
 
 
 def load_certificate(path: Path) -> x509.Certificate:
@@ -322,6 +323,11 @@ def load_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocatio
     if crl.issuer != ca_cert.subject or not crl.is_signature_valid(_issuer_public_key(ca_cert)):
         raise PkiError(f"{path} is not signed by the CA {identity_or_dn(ca_cert)}")
     return crl
+
+
+def revoked_serials(crl: x509.CertificateRevocationList) -> frozenset[int]:
+    """The serial numbers `crl` revokes: what a server checks its live connections against."""
+    return frozenset(entry.serial_number for entry in crl)
 
 
 def _read(path: Path) -> bytes:
@@ -390,7 +396,64 @@ def thumbprint(der: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
 
 
+def serial_of(der: bytes) -> int:
+    """The serial number of a certificate `client_identity` accepted: its key in a CRL."""
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def san_strings(cert: x509.Certificate) -> list[str]:
+    """The host names and IP addresses a certificate names, as text (none: empty)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(name.value) for name in san]
+
+
+def expiry_warning(cert: x509.Certificate, path: Path, now: datetime) -> str | None:
+    """A line for a human when `cert` ends within EXPIRY_WARNING of `now` (or has ended)."""
+    end = cert.not_valid_after_utc
+    if end - now > EXPIRY_WARNING:
+        return None
+    if end < now:
+        return f"{path} expired on {_when(end)}"
+    return f"{path} expires on {_when(end)}, in {(end - now).days} days"
+
+
 # ---------------------------------------------------------------- SSL contexts
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """A server's SSL context and the client serials its CRL revokes (none without a CRL)."""
+
+    context: ssl.SSLContext
+    revoked: frozenset[int]
+
+
+def server_tls(
+    cert: Path,
+    key: Path,
+    ca: Path,
+    crl: Path | None = None,
+    passphrase: bytes | None = None,
+) -> ServerTls:
+    """A TLS >= 1.2 server context that requires a client certificate chaining to `ca`.
+
+    With an existing `crl`, a revoked client certificate fails the handshake.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ca_cert = _trust(ctx, Path(ca))
+    _present(ctx, Path(cert), Path(key), passphrase)
+    if crl is None or not Path(crl).exists():
+        return ServerTls(ctx, frozenset())
+    revoked = revoked_serials(load_crl(Path(crl), ca_cert))
+    with _openssl_refusal(Path(crl)):
+        ctx.load_verify_locations(cafile=str(crl))
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ServerTls(ctx, revoked)
 
 
 def server_ssl_context(
@@ -400,21 +463,8 @@ def server_ssl_context(
     crl: Path | None = None,
     passphrase: bytes | None = None,
 ) -> ssl.SSLContext:
-    """TLS >= 1.2 server context that requires a client certificate chaining to `ca`.
-
-    With an existing `crl`, a revoked client certificate fails the handshake.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ca_cert = _trust(ctx, Path(ca))
-    _present(ctx, Path(cert), Path(key), passphrase)
-    if crl is not None and Path(crl).exists():
-        load_crl(Path(crl), ca_cert)
-        with _openssl_refusal(Path(crl)):
-            ctx.load_verify_locations(cafile=str(crl))
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    return ctx
+    """The context of `server_tls`, for a server that never re-checks live connections."""
+    return server_tls(cert, key, ca, crl, passphrase).context
 
 
 def client_ssl_context(
@@ -564,6 +614,34 @@ def revoke(directory: Path, name: str, passphrase: bytes | None = None) -> int:
     crl = make_crl(ca_key, ca_cert, entries, _crl_number(old) + 1)
     write_crl(pki.crl, crl, replace=True)
     return cert.serial_number
+
+
+def rotate_server(
+    pki: DevPki,
+    ca: tuple[SigningKey, x509.Certificate],
+    sans: Sequence[str] | None = None,
+    days: int = 825,
+    passphrase: bytes | None = None,
+) -> x509.Certificate:
+    """Replace the server pair with a new one signed by `ca`, for `sans` (default: the names
+    of the current certificate); a running server picks it up when the files change.
+
+    `passphrase` must open the current key: the running server loads the new key with the
+    passphrase it was started with. The key is swapped first, then the certificate.
+    """
+    current = load_certificate(pki.server_cert)
+    load_private_key(pki.server_key, passphrase)
+    key, cert = make_server_cert(*ca, _names_of(current) if sans is None else sans, days)
+    write_private_key(pki.server_key, key, passphrase, replace=True)
+    write_certificate(pki.server_cert, cert, replace=True)
+    return cert
+
+
+def _names_of(cert: x509.Certificate) -> list[str]:
+    """Its names beyond DEFAULT_SANS, the CN first (`make_server_cert` takes it from there)."""
+    names = [name for name in san_strings(cert) if name not in DEFAULT_SANS]
+    common_name = identity_or_dn(cert)
+    return sorted(names, key=lambda name: name != common_name)
 
 
 def _check_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate, path: Path) -> None:

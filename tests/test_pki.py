@@ -428,3 +428,24 @@ def test_revoke_with_encrypted_ca_key(tmp_path: Path) -> None:
     with pytest.raises(WrongPassphrase):
         pki.revoke(tmp_path, "alice", b"nope")
     assert pki.revoke(tmp_path, "alice", b"ca pass") > 0
+
+
+def test_server_tls_names_the_serials_its_crl_revokes(tmp_path: Path) -> None:
+    layout, _ = pki.ensure_dev_pki(tmp_path / "certs", ("alice", "bob"))
+    files = (layout.server_cert, layout.server_key, layout.ca, layout.crl)
+    assert pki.server_tls(*files).revoked == frozenset()
+    serial = pki.revoke(layout.directory, "bob")
+    assert pki.server_tls(*files).revoked == {serial}
+    assert pki.server_tls(*files[:3]).revoked == frozenset()  # no CRL, nothing revoked
+    der = pki.load_certificate(layout.client("bob")[0]).public_bytes(Encoding.DER)
+    assert pki.serial_of(der) == serial
+
+
+def test_expiry_warning_within_30_days(dev: DevPki) -> None:
+    cert = pki.load_certificate(dev.server_cert)
+    end = cert.not_valid_after_utc
+    assert pki.expiry_warning(cert, dev.server_cert, end - timedelta(days=31)) is None
+    soon = pki.expiry_warning(cert, dev.server_cert, end - timedelta(days=30))
+    assert soon == f"{dev.server_cert} expires on {end:%Y-%m-%d %H:%M} UTC, in 30 days"
+    gone = pki.expiry_warning(cert, dev.server_cert, end + timedelta(seconds=1))
+    assert gone == f"{dev.server_cert} expired on {end:%Y-%m-%d %H:%M} UTC"
