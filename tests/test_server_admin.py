@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.below_tls import BASE, BelowTls
-from tests.conftest import HttpReply, StompPeer, TestPki, http_request, stomp_peer
+from tests.conftest import (
+    HttpReply,
+    RunningServer,
+    StompPeer,
+    TestPki,
+    http_request,
+    stomp_peer,
+)
 from tests.test_server_acl import subscribed
 from tests.test_server_rooms import POLICY  # carol is the admin; alice and bob are not
 from tests.test_server_sessions import closed_with
@@ -206,3 +215,52 @@ async def test_disconnect_closes_every_connection_of_the_identity_and_no_other(
         await receipt(alice, "ok")
         reply = await admin(below, "POST", "/admin/disconnect", {"sub": "nobody"})
         assert (reply.status, reply.json()) == (200, {"disconnected": 0})
+
+
+# ---------------------------------------------------------------- chat-server admin (the CLI)
+
+
+async def admin_cli(
+    server: RunningServer, pki: TestPki, name: str, *args: str
+) -> tuple[int, str, str]:
+    """`chat-server admin ACTION ... --cert NAME.crt --url ...` as a process; (status, out, err)."""
+    action, *rest = args
+    command = [sys.executable, "-m", "chat.server.cli", "admin", action, *rest]
+    command += ["--cert", str(pki.client(name)[0]), "--url", f"https://127.0.0.1:{server.port}"]
+    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_the_admin_command_publishes_lists_and_disconnects(
+    start_server, pki: TestPki, tmp_path: Path
+) -> None:
+    acl = tmp_path / "acl.toml"
+    acl.write_text(POLICY)
+    server: RunningServer = await start_server(acl=acl)
+    async with stomp_peer(server, pki, "bob") as bob:
+        await subscribed(bob, "/topic/lobby", "s")
+        status, out, _ = await admin_cli(server, pki, "carol", "publish", "/topic/lobby", "hi")
+        assert (status, out) == (0, "stored at offset 1 (epoch " + out.split("epoch ")[1])
+        message = await bob.receive()
+        assert (message.get("sender"), message.body) == ("carol", b"hi")
+        status, out, _ = await admin_cli(server, pki, "carol", "connections")
+        header, row = out.splitlines()
+        assert header.split() == ["SUB", "PEER", "SINCE", "SUBSCRIPTIONS"]
+        assert row.split()[0] == "bob" and row.split()[-1] == "/topic/lobby"
+        status, out, _ = await admin_cli(server, pki, "carol", "connections", "--json")
+        assert [c["sub"] for c in json.loads(out)] == ["bob"]
+        status, out, _ = await admin_cli(server, pki, "carol", "disconnect", "bob")
+        assert (status, out) == (0, "disconnected 1 connection(s)\n")
+        await closed_with(bob, "disconnected by admin", 1008)
+
+
+async def test_the_admin_command_says_why_it_was_refused_in_one_line(
+    start_server, pki: TestPki, tmp_path: Path
+) -> None:
+    acl = tmp_path / "acl.toml"
+    acl.write_text(POLICY)
+    server: RunningServer = await start_server(acl=acl)
+    status, out, err = await admin_cli(server, pki, "alice", "disconnect", "bob")
+    assert (status, out) == (2, "")
+    assert err.startswith("chat-server: ") and "403" in err and "forbidden" in err
+    assert len(err.splitlines()) == 1

@@ -255,7 +255,7 @@ def test_help_lists_the_commands() -> None:
     result = run("--help")
     assert result.returncode == 0
     commands = result.stdout.split("\ncommands:\n")[1].split("\n\n")[0]
-    for command in ("serve", "revoke", "unrevoke", "keys"):
+    for command in ("serve", "revoke", "unrevoke", "keys", "admin"):
         assert f"\n    {command} " in commands
     assert "rotate" in commands and "list" in commands
     for usage in ("[serve] [OPTIONS]", "revoke (--sub NAME | --jti ID)", "keys {rotate,list}"):

@@ -38,6 +38,7 @@ __all__ = [
     "TokenGrant",
     "fetch_token",
     "refresh_token",
+    "request",
     "request_json",
 ]
 
@@ -72,6 +73,20 @@ async def request_json(
 
     A non-JSON answer is `{}` for an error status and `BadResponse` for a success.
     """
+    status, data = await request(base_url, method, path, ssl_context, body, timeout, dial)
+    return status, _json_object(status, data, parse_url(base_url, HTTP_SCHEMES).endpoint)
+
+
+async def request(
+    base_url: str,
+    method: str,
+    path: str,
+    ssl_context: ssl.SSLContext,
+    body: dict[str, Any] | None = None,
+    timeout: float = HTTP_TIMEOUT,
+    dial: Dial = open_tls_stream,
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request with an optional JSON body; returns (status, body of the answer)."""
     url = parse_url(base_url, HTTP_SCHEMES)
     payload = b"" if body is None else json.dumps(body).encode()
     stream = await dial(url.endpoint, ssl_context, timeout)
@@ -79,10 +94,9 @@ async def request_json(
         with mapped_transport_errors(url.endpoint, connected=True), trio.fail_after(timeout):
             conn = h11.Connection(h11.CLIENT)
             await stream.send_all(_request_bytes(conn, url, method, path, payload))
-            status, data = await _read_response(stream, conn, url.endpoint)
+            return await _read_response(stream, conn, url.endpoint)
     finally:
         await trio.aclose_forcefully(stream)
-    return status, _json_object(status, data, url.endpoint)
 
 
 def _request_bytes(

@@ -31,6 +31,7 @@ from chat.cli_common import (
 from chat.protocol.policy import PolicyError
 from chat.protocol.tokens import TokenConfigError
 from chat.server import logs
+from chat.server.admin_cli import ADMIN_ERRORS, add_admin_command
 from chat.server.app import ChatServer
 from chat.server.config import DEFAULT_PORT, ConfigError, ServerConfig
 from chat.store.errors import StoreMissing, StoreUnusable
@@ -44,12 +45,15 @@ USAGE = """\
 %(prog)s [serve] [OPTIONS]
        %(prog)s revoke (--sub NAME | --jti ID) [--state-dir STATE_DIR]
        %(prog)s unrevoke --sub NAME [--state-dir STATE_DIR]
-       %(prog)s keys {rotate,list} [--state-dir STATE_DIR]"""
+       %(prog)s keys {rotate,list} [--state-dir STATE_DIR]
+       %(prog)s admin {publish DEST BODY,connections,disconnect NAME} --cert FILE [--json]"""
 
 DESCRIPTION = """\
 Secure chat server: STOMP 1.2 over WebSocket over mutual TLS, one port. Routes:
 wss://HOST:PORT/ws (STOMP; offer subprotocols v12.stomp and bearer.<token>),
-POST /auth/token, POST /auth/refresh, GET /.well-known/jwks.json, GET /healthz.
+POST /auth/token, POST /auth/refresh, GET /auth/me, GET /.well-known/jwks.json, GET /healthz,
+and for admins (the policy's admin = true) POST /admin/publish, GET /admin/connections,
+POST /admin/disconnect.
 With no certificate options it uses CERTS_DIR and creates development certificates
 there if none exist. Serving is the default command: the options below need no 'serve'.
 """
@@ -76,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_main(
         PROG,
         partial(_main, argv),
-        (ConfigError, pki.PkiError, TokenConfigError, StoreUnusable, PolicyError),
+        (ConfigError, pki.PkiError, TokenConfigError, StoreUnusable, PolicyError, *ADMIN_ERRORS),
     )
 
 
@@ -109,6 +113,7 @@ def build_parser() -> Parser:
     )
     _serve_options(serve, defaults=False)
     _state_commands(commands)
+    add_admin_command(commands)
     return parser
 
 
