@@ -1,13 +1,16 @@
 """`chat-certs`: make the CA, server and client certificates for mutual TLS.
 
 Every error is one line on stderr starting with "chat-certs: " and exit status 2
-(chat/cli_common.py).
+(chat/cli_common.py). A certificate written or shown that ends within 30 days gets one
+"chat-certs: warning: " line on stderr, the exit status unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -40,6 +43,9 @@ Keys are created with mode 0600 from the start; no file is ever overwritten unle
 environment variable VAR (never on the command line, where `ps` would show it).
 
 Quick start:  chat-certs init && chat-certs client alice && chat-certs client bob
+
+Any certificate written or shown that expires within 30 days is named in a warning
+on stderr.
 """
 
 INIT_HELP = """\
@@ -57,8 +63,17 @@ Refuses to overwrite unless --force. To replace a compromised certificate, revok
 
 REVOKE_HELP = """\
 Add DIR/NAME.crt to DIR/crl.pem, re-signed with DIR/ca.key (crl.pem is replaced
-atomically). The server checks crl.pem at every TLS handshake: a revoked certificate can no
-longer connect. Connections already open are not cut.
+atomically). A running chat-server re-reads crl.pem within 2 seconds: the certificate can
+no longer connect, and its open connections end with ERROR "certificate revoked".
+"""
+
+ROTATE_SERVER_HELP = """\
+Replace DIR/server.crt and DIR/server.key with a new pair signed by DIR/ca.key, for the
+same host names and IP addresses as the current certificate unless --san is given (then
+localhost, 127.0.0.1, ::1 and every --san). Each file is replaced atomically; a running
+chat-server presents the new certificate to new connections within 2 seconds (or at once
+on SIGHUP). If server.key is encrypted, --passphrase-env must name its passphrase: the new
+key is encrypted with it, as the server expects.
 """
 
 SHOW_HELP = """\
@@ -131,6 +146,26 @@ def _build_parser() -> argparse.ArgumentParser:
     _dir_option(revoke)
     _ca_passphrase_option(revoke)
     revoke.set_defaults(command=_revoke)
+    rotate = commands.add_parser(
+        "rotate-server",
+        help="replace server.crt/.key with a new pair",
+        description=ROTATE_SERVER_HELP,
+        formatter_class=raw,
+    )
+    _dir_option(rotate)
+    rotate.add_argument(
+        "--san",
+        action="append",
+        metavar="NAME",
+        help="a host name or IP address for the new certificate (repeatable; default: the "
+        "current certificate's)",
+    )
+    rotate.add_argument(
+        "--days", type=int, default=SERVER_DAYS, help=f"validity in days (default {SERVER_DAYS})"
+    )
+    _passphrase_option(rotate, "server.key is encrypted: open it and encrypt the new one")
+    _ca_passphrase_option(rotate)
+    rotate.set_defaults(command=_rotate_server)
     show = commands.add_parser(
         "show", help="describe a certificate file", description=SHOW_HELP, formatter_class=raw
     )
@@ -183,8 +218,9 @@ def _init(args: argparse.Namespace) -> None:
     pki.write_certificate(layout.server_cert, server_cert)
     pki.write_crl(layout.crl, pki.make_crl(ca_key, ca_cert))
     _report_written(targets, passphrase is not None)
-    print(f"server names: {', '.join(_san_strings(server_cert))}")
+    print(f"server names: {', '.join(pki.san_strings(server_cert))}")
     print(f"next: {PROG} client alice{_dir_flag(args.directory)}")
+    _warn_expiring((layout.ca, ca_cert), (layout.server_cert, server_cert))
 
 
 def _client(args: argparse.Namespace) -> None:
@@ -199,6 +235,7 @@ def _client(args: argparse.Namespace) -> None:
     _report_written([crt, key], passphrase is not None)
     print(f"identity: {args.name}  x5t#S256: {_thumbprint(client_cert)}")
     print(f"next: connect as {args.name} with {crt} and {key}, trusting {layout.ca}")
+    _warn_expiring((layout.ca, ca_cert), (crt, client_cert))
 
 
 def _revoke(args: argparse.Namespace) -> None:
@@ -208,12 +245,25 @@ def _revoke(args: argparse.Namespace) -> None:
     except KeyPassphraseRequired as exc:
         raise KeyPassphraseRequired(exc.path, CA_PASSPHRASE_FLAG) from None
     print(f"revoked {args.name} (serial {serial:#x}) in {layout.crl}")
-    print("next: nothing; chat-server re-reads crl.pem when it changes, so new handshakes fail")
+    print(
+        "next: nothing; chat-server re-reads crl.pem within 2 s: new handshakes fail and "
+        "open connections end"
+    )
+
+
+def _rotate_server(args: argparse.Namespace) -> None:
+    layout = DevPki.at(args.directory)
+    ca_key, ca_cert = _load_ca(layout, args.ca_passphrase)
+    cert = pki.rotate_server(layout, (ca_key, ca_cert), args.san, args.days, args.passphrase)
+    _report_written([layout.server_key, layout.server_cert], args.passphrase is not None)
+    print(f"server names: {', '.join(pki.san_strings(cert))}")
+    print("next: nothing; a running chat-server presents it to new connections within 2 s")
+    _warn_expiring((layout.ca, ca_cert), (layout.server_cert, cert))
 
 
 def _show(args: argparse.Namespace) -> None:
     cert = pki.load_certificate(args.file)
-    sans = _san_strings(cert)
+    sans = pki.san_strings(cert)
     print(f"subject CN: {pki.identity_or_dn(cert)}")
     print(f"issuer:     {cert.issuer.rfc4514_string()}")
     print(f"serial:     {cert.serial_number:#x}")
@@ -221,6 +271,7 @@ def _show(args: argparse.Namespace) -> None:
     print(f"not after:  {cert.not_valid_after_utc.isoformat()}")
     print(f"SANs:       {', '.join(sans) if sans else '(none)'}")
     print(f"x5t#S256:   {_thumbprint(cert)}")
+    _warn_expiring((args.file, cert))
 
 
 # ---------------------------------------------------------------- helpers
@@ -259,12 +310,13 @@ def _report_written(paths: Sequence[Path], encrypted: bool) -> None:
         print(f"wrote {path} ({mode:04o}{note})")
 
 
-def _san_strings(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [str(name.value) for name in san]
+def _warn_expiring(*certificates: tuple[Path, x509.Certificate]) -> None:
+    """One stderr line per certificate that ends soon: renewing it is the operator's move."""
+    now = datetime.now(UTC)
+    for path, cert in certificates:
+        warning = pki.expiry_warning(cert, path, now)
+        if warning is not None:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
 
 
 def _thumbprint(cert: x509.Certificate) -> str:

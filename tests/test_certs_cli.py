@@ -86,7 +86,7 @@ def test_client_writes_pair_signed_by_the_ca(
     capsys: pytest.CaptureFixture[str], certs: Path
 ) -> None:
     init(capsys, certs)
-    code, out = run(capsys, "client", "alice", "--dir", str(certs), "--days", "30")
+    code, out = run(capsys, "client", "alice", "--dir", str(certs), "--days", "90")
     assert code == 0
     layout = DevPki.at(certs)
     crt, key = layout.client("alice")
@@ -142,6 +142,98 @@ def test_revoke_adds_the_serial_to_the_crl(capsys: pytest.CaptureFixture[str], c
 def test_revoke_unknown_name(capsys: pytest.CaptureFixture[str], certs: Path) -> None:
     init(capsys, certs)
     assert "zed.crt: no such file" in fails(capsys, "revoke", "zed", "--dir", str(certs))
+
+
+def test_rotate_server_keeps_the_names_and_replaces_the_pair(
+    capsys: pytest.CaptureFixture[str], certs: Path
+) -> None:
+    init(capsys, certs, "--san", "chat.example", "--san", "10.0.0.7")
+    layout = DevPki.at(certs)
+    old = pki.load_certificate(layout.server_cert)
+    code, out = run(capsys, "rotate-server", "--dir", str(certs))
+    assert code == 0
+    assert f"wrote {layout.server_cert}" in out and f"wrote {layout.server_key}" in out
+    new = pki.load_certificate(layout.server_cert)
+    assert new.serial_number != old.serial_number
+    assert pki.san_strings(new) == pki.san_strings(old)
+    assert pki.identity_of(new) == "chat.example"
+    new.verify_directly_issued_by(pki.load_certificate(layout.ca))
+    assert stat.S_IMODE(layout.server_key.stat().st_mode) == 0o600
+    pki.server_ssl_context(layout.server_cert, layout.server_key, layout.ca, layout.crl)
+    assert [p.name for p in certs.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_rotate_server_with_sans_names_only_those(
+    capsys: pytest.CaptureFixture[str], certs: Path
+) -> None:
+    init(capsys, certs, "--san", "chat.example")
+    assert run(capsys, "rotate-server", "--dir", str(certs), "--san", "new.example")[0] == 0
+    new = pki.load_certificate(certs / "server.crt")
+    assert pki.san_strings(new) == ["localhost", "127.0.0.1", "::1", "new.example"]
+
+
+def test_rotate_server_keeps_an_encrypted_key_encrypted(
+    capsys: pytest.CaptureFixture[str], certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PW", "server secret")
+    init(capsys, certs, "--passphrase-env", "PW")
+    before = (certs / "server.crt").read_bytes()
+    line = fails(capsys, "rotate-server", "--dir", str(certs), "--ca-passphrase-env", "PW")
+    assert "server.key" in line and "--passphrase-env VAR" in line
+    assert (certs / "server.crt").read_bytes() == before
+    argv = ["rotate-server", "--dir", str(certs), "--ca-passphrase-env", "PW"]
+    code, out = run(capsys, *argv, "--passphrase-env", "PW")
+    assert code == 0 and "encrypted" in out
+    pki.server_ssl_context(
+        certs / "server.crt", certs / "server.key", certs / "ca.crt", None, b"server secret"
+    )
+
+
+def test_rotate_server_needs_a_server_certificate(
+    capsys: pytest.CaptureFixture[str], certs: Path
+) -> None:
+    init(capsys, certs)
+    (certs / "server.crt").unlink()
+    assert "server.crt: no such file" in fails(capsys, "rotate-server", "--dir", str(certs))
+
+
+def warned(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
+    """Run chat-certs expecting success; its stderr lines, each a warning."""
+    assert main(list(argv)) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("chat-certs: warning: ") for line in lines), lines
+    return lines
+
+
+def test_a_certificate_ending_within_30_days_is_warned_about(
+    capsys: pytest.CaptureFixture[str], certs: Path
+) -> None:
+    init(capsys, certs)
+    alice = certs / "alice.crt"
+    [line] = warned(capsys, "client", "alice", "--dir", str(certs), "--days", "10")
+    assert f"{alice} expires on " in line and "in 9 days" in line
+    assert warned(capsys, "show", str(alice)) == [line]
+    assert warned(capsys, "client", "bob", "--dir", str(certs), "--days", "31") == []
+    assert warned(capsys, "rotate-server", "--dir", str(certs), "--days", "5") == [
+        f"chat-certs: warning: {certs / 'server.crt'} expires on "
+        f"{pki.load_certificate(certs / 'server.crt').not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
+        "in 4 days"
+    ]
+
+
+def test_a_ca_ending_soon_is_warned_about_with_what_it_signs(
+    capsys: pytest.CaptureFixture[str], certs: Path
+) -> None:
+    layout = DevPki.at(certs)
+    certs.mkdir()
+    ca_key, ca_cert = pki.make_ca(days=20)
+    pki.write_private_key(layout.ca_key, ca_key)
+    pki.write_certificate(layout.ca, ca_cert)
+    lines = warned(capsys, "client", "alice", "--dir", str(certs))
+    assert [line.split(" expires on ")[0] for line in lines] == [
+        f"chat-certs: warning: {layout.ca}",
+        f"chat-certs: warning: {certs / 'alice.crt'}",  # it cannot outlive the CA
+    ]
 
 
 def test_show_prints_the_certificate_facts(capsys: pytest.CaptureFixture[str], certs: Path) -> None:
@@ -242,6 +334,7 @@ def test_help_explains_files_and_modes(capsys: pytest.CaptureFixture[str]) -> No
         "init",
         "client",
         "revoke",
+        "rotate-server",
         "show",
         "ca.key",
         "crl.pem",
