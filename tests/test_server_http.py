@@ -121,14 +121,22 @@ async def test_refresh_by_another_certificate_is_403(server: RunningServer, pki:
     assert (reply.status, reply.json()["error"]) == (403, "token_cert_mismatch")
 
 
-async def _handshake_fails(server: RunningServer, context: ssl.SSLContext) -> None:
-    with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
-        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", server.port, ssl_context=context)
+async def _refuses(server: RunningServer, context: ssl.SSLContext) -> bool:
+    """Whether the server refuses `context`'s certificate at the TLS handshake."""
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", server.port, ssl_context=context)
+    try:
         await stream.do_handshake()
         # TLS 1.3: the server's refusal of our certificate arrives after our handshake completes
         await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert await stream.receive_some(1024) == b""
-        raise trio.BrokenResourceError("server closed without answering")
+        return await stream.receive_some(1024) == b""
+    except (trio.BrokenResourceError, ssl.SSLError):
+        return True
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _handshake_fails(server: RunningServer, context: ssl.SSLContext) -> None:
+    assert await _refuses(server, context)
 
 
 async def test_tls_without_client_certificate_fails(server: RunningServer, pki: TestPki) -> None:
@@ -140,6 +148,14 @@ async def test_tls_with_foreign_ca_certificate_fails(server: RunningServer, pki:
     await _handshake_fails(server, pki.foreign_context())
 
 
+async def _refused_within(server: RunningServer, context: ssl.SSLContext, seconds: float) -> None:
+    """The server comes to refuse `context` within `seconds` (it re-reads its CRL when the
+    file changes, PROTOCOL.md §12)."""
+    with trio.fail_after(seconds):
+        while not await _refuses(server, context):
+            await trio.sleep(0.01)
+
+
 async def test_tls_with_revoked_certificate_fails(start_server, tmp_path) -> None:
     own, _ = pki_module.ensure_dev_pki(tmp_path / "certs", ("dave",))
     running = await start_server(certs_dir=own.directory)
@@ -147,7 +163,8 @@ async def test_tls_with_revoked_certificate_fails(start_server, tmp_path) -> Non
     reply = await http_request(running, context, "GET", "/healthz")
     assert reply.status == 200
     pki_module.revoke(own.directory, "dave")
-    await _handshake_fails(running, pki_module.client_ssl_context(*own.client("dave"), own.ca))
+    dave = pki_module.client_ssl_context(*own.client("dave"), own.ca)
+    await _refused_within(running, dave, 2)  # PROTOCOL.md §12, at the default poll
 
 
 async def test_a_broken_crl_keeps_the_previous_one_in_force(
@@ -157,12 +174,15 @@ async def test_a_broken_crl_keeps_the_previous_one_in_force(
     keep connecting, and a certificate the old CRL revoked stays refused."""
     own, _ = pki_module.ensure_dev_pki(tmp_path / "certs", ("dave", "erin"))
     pki_module.revoke(own.directory, "dave")
-    running = await start_server(certs_dir=own.directory)
+    running = await start_server(certs_dir=own.directory, revocation_poll=0.05)
     own.crl.write_bytes(b"-----BEGIN X509 CRL-----\nnot a crl\n")
+    with trio.fail_after(2):
+        while "TLS files not reloaded, the previous ones stay in force" not in caplog.text:
+            await trio.sleep(0.05)
+    assert f"{own.crl} is not a PEM certificate revocation list" in caplog.text
     erin = pki_module.client_ssl_context(*own.client("erin"), own.ca)
     assert (await http_request(running, erin, "GET", "/healthz")).status == 200
     await _handshake_fails(running, pki_module.client_ssl_context(*own.client("dave"), own.ca))
-    assert "CRL not reloaded, the previous one stays in force" in caplog.text
 
 
 async def test_token_survives_server_restart(start_server, pki: TestPki, tmp_path) -> None:

@@ -15,7 +15,9 @@ grace period. Storage is opened once, before serving; from then on it is called 
 through the stores' lanes (`storage.py`), and the upgrade and every live session check
 revocations against the state store's snapshot, which two background tasks keep fresh: one
 polls the revocation counter, one the key directory (each in its own lane, so a locked key
-directory never delays a revocation).
+directory never delays a revocation). A third watches the TLS files (`tls.py`): new
+handshakes get a context built from the files as they are, and the live connections whose
+certificate a new CRL revokes end.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import logging
 import os
 import random
 import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -56,6 +57,7 @@ from chat.server.presence import Presence
 from chat.server.refusals import LogRate, refusal_reason
 from chat.server.session import SessionLimits, Shared, StompSession
 from chat.server.storage import Lane, StorageUnavailable
+from chat.server.tls import TlsContexts
 from chat.server.upgrade import BadHandshake, IdentitySlots, Upgrade, authorize, is_upgrade
 from chat.store.history import Retention
 from chat.store.keys import KeyStore
@@ -79,6 +81,9 @@ IDLE_SPREAD = 0.5
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the accept loop
 ACCEPT_PAUSE = 0.1  # after accept ran out of files or memory: let connections close first
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# `chat-certs rotate-server` replaces the key, then the certificate: once a change is seen,
+# wait this long so that both have landed before they are read (else one poll logs a mismatch)
+TLS_SETTLE = 0.2
 # Refused TLS handshakes: this many lines per window, then one summary line per window
 REFUSAL_LINES = 10
 REFUSAL_WINDOW = 1.0
@@ -109,51 +114,6 @@ class Ticket:
         self.scope.cancel()
         if self._release is not None:
             self._release()
-
-
-class TlsContexts:
-    """The SSL context, rebuilt when the CRL file changes (a revoked cert fails at once)."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self._config = config
-        self._crl_mtime: float | None = None
-        self._context = self._build()
-
-    def _build(self) -> ssl.SSLContext:
-        c = self._config
-        crl = c.crl_path()
-        self._crl_mtime = _mtime(crl)
-        return pki.server_ssl_context(
-            c.cert_path(),
-            c.key_path(),
-            c.ca_path(),
-            crl if self._crl_mtime is not None else None,
-            c.key_passphrase,
-        )
-
-    def current(self) -> ssl.SSLContext:
-        """The context for a new handshake; a CRL that changed into something unusable (a
-        half-written file, another CA's) is logged once and the previous context kept, so
-        a bad CRL never refuses every client."""
-        mtime = _mtime(self._config.crl_path())
-        if mtime != self._crl_mtime:
-            try:
-                self._context = self._build()
-            except pki.PkiError as exc:
-                self._crl_mtime = mtime  # said once per change of the file
-                log.error(
-                    "CRL not reloaded, the previous one stays in force: %s",
-                    exc,
-                    extra={"event": "crl_not_reloaded", "error": str(exc)},
-                )
-        return self._context
-
-
-def _mtime(path: os.PathLike[str]) -> float | None:
-    try:
-        return os.stat(path).st_mtime
-    except FileNotFoundError:
-        return None
 
 
 class ChatServer:
@@ -192,7 +152,8 @@ class ChatServer:
         self.policy = PolicyFile.open(config.acl, config.state_dir)
         self.history = _open_history(config)
         self.keys_lane, self.state_lane, self.history_lane = lane(), lane(), lane()
-        self.policy_lane = lane()
+        self.policy_lane, self.tls_lane = lane(), lane()
+        self._reload_tls = trio.Event()
         self.durability = Durability(self.history, self.history_lane)
         self.broker = Broker(self.history, self.durability, clock)
         self.presence = Presence()
@@ -230,6 +191,10 @@ class ChatServer:
     def shutdown(self) -> None:
         """Begin a graceful shutdown (SIGINT/SIGTERM): close everyone with 1001."""
         self._stop.set()
+
+    def reload_tls(self) -> None:
+        """Re-read the certificate, key, CA bundle and CRL now (SIGHUP), changed or not."""
+        self._reload_tls.set()
 
     async def listen(self) -> list[trio.SocketListener]:
         """Bind the port; separate from `run` so a bind error surfaces before any task starts."""
@@ -272,6 +237,7 @@ class ChatServer:
                     background.start_soon(self._watch_revocations)
                     background.start_soon(self._watch_keys)
                     background.start_soon(self._watch_policy)
+                    background.start_soon(self._watch_tls)
                     background.start_soon(self.durability.run)
                     background.start_soon(self.durability.run_later)
                     background.start_soon(self._prune)
@@ -357,6 +323,38 @@ class ChatServer:
             )
             for connection in list(self.connections):
                 connection.check_authorization()
+
+    async def _watch_tls(self) -> None:
+        """The operator replaces the server's certificate, key, CA bundle or CRL, or sends
+        SIGHUP: build the new context in a lane, then end the live connections whose
+        certificate the new CRL revokes (PROTOCOL.md §12: within 2 s). Files that make no
+        context are logged once; the previous context stays in force."""
+        while True:
+            with trio.move_on_after(self.config.revocation_poll):
+                await self._reload_tls.wait()
+            asked, self._reload_tls = self._reload_tls.is_set(), trio.Event()
+            if not asked:
+                if not await self.tls_lane.run(self.tls.changed):
+                    continue
+                await trio.sleep(TLS_SETTLE)
+            try:
+                revoked = await self.tls_lane.run(self.tls.reload)
+            except (pki.PkiError, StorageUnavailable) as exc:
+                log.error(
+                    "TLS files not reloaded, the previous ones stay in force: %s",
+                    exc,
+                    extra={"event": "tls_not_reloaded", "error": str(exc)},
+                )
+                continue
+            trigger = "SIGHUP" if asked else "files changed"
+            log.info(
+                "TLS files reloaded (%s); the CRL revokes %d certificates",
+                trigger,
+                len(revoked),
+                extra={"event": "tls_reloaded", "trigger": trigger, "revoked": len(revoked)},
+            )
+            for connection in list(self.connections):
+                connection.check_certificate(revoked)
 
     async def _prune(self) -> None:
         while True:
@@ -610,6 +608,7 @@ class ChatServer:
             self.config.close_timeout,
             address=peer.address,
             since=self.clock(),
+            serial=peer.serial,
         )
         outbox.push(ws.send(AcceptConnection(subprotocol=upgrade.subprotocol)))
         log.info(
@@ -656,7 +655,7 @@ def _peer_of(stream: TlsStream, address: str) -> Peer:
     der = stream.getpeercert(binary_form=True)
     if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than assume
         raise trio.BrokenResourceError("no client certificate")
-    return Peer(pki.client_identity(der), pki.thumbprint(der), address)
+    return Peer(pki.client_identity(der), pki.thumbprint(der), address, pki.serial_of(der))
 
 
 def _address(raw: trio.SocketStream) -> str:

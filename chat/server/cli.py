@@ -207,8 +207,11 @@ async def _serve(config: ServerConfig) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run, listeners)
         _print_hint(config, port)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    server.reload_tls()
+                    continue
                 name = signal.Signals(signum).name
                 logging.getLogger("chat.server").info(
                     "%s: closing connections (1001)",

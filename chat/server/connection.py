@@ -65,6 +65,10 @@ class ConnectTimeout(PolicyViolation):
     """No STOMP CONNECT within the configured time after the WebSocket opened."""
 
 
+class CertificateRevoked(PolicyViolation):
+    """The CRL the server reloaded lists this connection's client certificate (PROTOCOL.md §12)."""
+
+
 class Outbox:
     """A bounded (in bytes) outbound buffer; `push` never blocks, overflow is flagged."""
 
@@ -136,10 +140,12 @@ class Connection:
         *,
         address: str,
         since: float,
+        serial: int | None = None,
     ) -> None:
         self.session = session
         self.address = address  # the client's "ip:port", for GET /admin/connections
         self.since = since  # when it opened, by the server's wall clock
+        self.serial = serial  # its client certificate's, checked against each new CRL
         self._stream = stream
         self._ws = ws
         self._outbox = outbox
@@ -174,6 +180,11 @@ class Connection:
             self.session.check_authorization()
         except StompProtocolError as error:
             self.fail(error)
+
+    def check_certificate(self, revoked: frozenset[int]) -> None:
+        """End the connection if its client certificate is among the `revoked` serials."""
+        if self.serial is not None and self.serial in revoked:
+            self.fail(CertificateRevoked("certificate revoked", "the server's CRL lists it"))
 
     async def run(self, initial: bytes) -> None:
         try:

@@ -39,12 +39,13 @@ UPGRADE_HINT = (
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """Who is on the other end of the TLS connection: its client certificate's identity and
-    thumbprint, and where it connects from."""
+    """Who is on the other end of the TLS connection: its client certificate's identity,
+    thumbprint and serial, and where it connects from."""
 
     identity: str
     x5t: str
     address: str = ""  # the client's "ip:port" ("" below TLS, where there is none)
+    serial: int | None = None  # matched against each new CRL; None: no certificate seen here
 
 
 @dataclass(frozen=True, slots=True)

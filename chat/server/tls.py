@@ -1,0 +1,61 @@
+"""The server's TLS files (PROTOCOL.md §12): certificate, key, CA bundle and CRL, re-read
+when they change, without a restart.
+
+How this works: `TlsContexts` holds the SSL context new handshakes use and the client serials
+its CRL revokes. The server's watcher calls `changed()` and `reload()` on a lane, never on the
+event loop (both read files); a change is noticed by the files' stamps (device, inode, size,
+modification time), so an atomic rename counts too. A reload that fails keeps the previous
+context in force and remembers the stamps, so each broken version is reported once.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+from chat import pki
+from chat.server.config import ServerConfig
+
+_Stamp = tuple[int, int, int, int] | None  # (device, inode, size, mtime in ns); None: missing
+
+
+class TlsContexts:
+    """The SSL context for new handshakes and the serials its CRL revokes."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._paths = (config.cert_path(), config.key_path(), config.ca_path(), config.crl_path())
+        self._stamps = _stamps(self._paths)
+        self._tls = self._load()
+
+    def current(self) -> ssl.SSLContext:
+        """The context for a new handshake."""
+        return self._tls.context
+
+    def changed(self) -> bool:
+        """Whether a file differs from the version last loaded (or tried). Blocking."""
+        return _stamps(self._paths) != self._stamps
+
+    def reload(self) -> frozenset[int]:
+        """Load the files as they are now; the serials the new CRL revokes. On a PkiError
+        the previous context stays in force. Blocking."""
+        self._stamps = _stamps(self._paths)
+        self._tls = self._load()
+        return self._tls.revoked
+
+    def _load(self) -> pki.ServerTls:
+        cert, key, ca, crl = self._paths
+        return pki.server_tls(cert, key, ca, crl, self._config.key_passphrase)
+
+
+def _stamps(paths: tuple[Path, ...]) -> tuple[_Stamp, ...]:
+    return tuple(_stamp(path) for path in paths)
+
+
+def _stamp(path: Path) -> _Stamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
