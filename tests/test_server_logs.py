@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from trio_websocket import ConnectionClosed
@@ -285,6 +286,8 @@ async def test_a_revocation_is_seen_and_ends_the_connection(
         with pytest.raises(ConnectionClosed):
             while True:
                 await alice.ws.get_message()
+    while not captured.events("closed"):  # written once the server's close handshake is over
+        await trio.sleep(0.01)  # mock time (autojump_clock)
     [seen] = captured.events("revocations_changed")
     assert seen["connections"] == 1
     [closed] = captured.events("closed")

@@ -12,25 +12,22 @@ ones they hold, which is how a change reaches every live subscription.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from chat.protocol.policy import DEFAULT_POLICY, Policy, PolicyError
-from chat.store.files import write_atomic
+from chat.store.files import Stamp, stamp, write_atomic
 
 DEFAULT_FILE = "acl.toml"  # in the state directory, when --acl is not given
 POLICY_MODE = 0o644  # the operator reads and edits it; it holds no secret
-
-_Stamp = tuple[int, int, int, int] | None  # (device, inode, size, mtime in ns); None: missing
 
 
 class PolicyFile:
     """The policy in force and the file it came from."""
 
-    def __init__(self, path: Path, policy: Policy, stamp: _Stamp) -> None:
+    def __init__(self, path: Path, policy: Policy, seen: Stamp) -> None:
         self.path = path
         self.current = policy
-        self._stamp = stamp
+        self._stamp = seen
 
     @classmethod
     def open(cls, configured: Path | None, state_dir: Path) -> PolicyFile:
@@ -41,16 +38,16 @@ class PolicyFile:
         path = configured or state_dir / DEFAULT_FILE
         if configured is None:
             _write_default(path)
-        stamp = _stamp(path)
-        return cls(path, Policy.load(path), stamp)
+        seen = stamp(path)
+        return cls(path, Policy.load(path), seen)
 
     def changed(self) -> bool:
         """Whether the file differs from the version last loaded (or tried). Blocking."""
-        return _stamp(self.path) != self._stamp
+        return stamp(self.path) != self._stamp
 
     def reload(self) -> Policy:
         """Load the file as it is now; on a PolicyError the previous policy stays. Blocking."""
-        self._stamp = _stamp(self.path)
+        self._stamp = stamp(self.path)
         self.current = Policy.load(self.path)
         return self.current
 
@@ -62,11 +59,3 @@ def _write_default(path: Path) -> None:
         pass
     except OSError as exc:
         raise PolicyError(f"{path}: cannot write the default policy: {exc.strerror}") from None
-
-
-def _stamp(path: Path) -> _Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

@@ -10,14 +10,12 @@ context in force and remembers the stamps, so each broken version is reported on
 
 from __future__ import annotations
 
-import os
 import ssl
 from pathlib import Path
 
 from chat import pki
 from chat.server.config import ServerConfig
-
-_Stamp = tuple[int, int, int, int] | None  # (device, inode, size, mtime in ns); None: missing
+from chat.store.files import Stamp, stamp
 
 
 class TlsContexts:
@@ -49,13 +47,5 @@ class TlsContexts:
         return pki.server_tls(cert, key, ca, crl, self._config.key_passphrase)
 
 
-def _stamps(paths: tuple[Path, ...]) -> tuple[_Stamp, ...]:
-    return tuple(_stamp(path) for path in paths)
-
-
-def _stamp(path: Path) -> _Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+def _stamps(paths: tuple[Path, ...]) -> tuple[Stamp, ...]:
+    return tuple(stamp(path) for path in paths)

@@ -56,3 +56,15 @@ def _sync_directory(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+Stamp = tuple[int, int, int, int] | None  # (device, inode, size, mtime in ns); None: missing
+
+
+def stamp(path: Path) -> Stamp:
+    """What changes when a file is rewritten or replaced by a rename: a watcher compares it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
