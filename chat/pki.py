@@ -498,7 +498,11 @@ def _present(ctx: ssl.SSLContext, cert: Path, key: Path, passphrase: bytes | Non
 
 def check_current(cert: x509.Certificate, path: Path, now: datetime) -> None:
     """Refuse a certificate outside its validity period: every server would refuse it."""
-    renew = f"make a new one with `chat-certs client {path.stem} --force`"
+    renew = (
+        "make a new one with `chat-certs rotate-server`"
+        if path.stem == SERVER_CERT.removesuffix(".crt")
+        else f"make a new one with `chat-certs client {path.stem} --force`"
+    )
     if now > cert.not_valid_after_utc:
         raise CertificateNotCurrent(f"{path} expired on {_when(cert.not_valid_after_utc)}; {renew}")
     if now < cert.not_valid_before_utc:

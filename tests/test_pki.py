@@ -449,3 +449,12 @@ def test_expiry_warning_within_30_days(dev: DevPki) -> None:
     assert soon == f"{dev.server_cert} expires on {end:%Y-%m-%d %H:%M} UTC, in 30 days"
     gone = pki.expiry_warning(cert, dev.server_cert, end + timedelta(seconds=1))
     assert gone == f"{dev.server_cert} expired on {end:%Y-%m-%d %H:%M} UTC"
+
+
+def test_an_expired_certificate_names_the_command_that_renews_it(dev: DevPki) -> None:
+    cert = pki.load_certificate(dev.server_cert)
+    later = cert.not_valid_after_utc + timedelta(days=1)
+    with pytest.raises(pki.CertificateNotCurrent, match="`chat-certs rotate-server`"):
+        pki.check_current(cert, dev.server_cert, later)
+    with pytest.raises(pki.CertificateNotCurrent, match="`chat-certs client alice --force`"):
+        pki.check_current(cert, dev.directory / "alice.crt", later)

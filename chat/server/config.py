@@ -97,8 +97,9 @@ class ServerConfig:
     port: int = option(DEFAULT_PORT, "TCP port (0: any free port)", group=LISTENER)
     certs_dir: Path = option(
         Path("certs"),
-        "folder with server.crt, server.key, ca.crt, crl.pem; with none of --cert, --key, --ca, "
-        "development certificates are created there if it has none",
+        "folder with server.crt, server.key, ca.crt, crl.pem (re-read when they change, and on "
+        "SIGHUP); with none of --cert, --key, --ca, development certificates are created there "
+        "if it has none",
         group=CERTIFICATES,
     )
     # Explicit paths override the files in certs_dir (server.crt, server.key, ca.crt, crl.pem).
@@ -116,7 +117,7 @@ class ServerConfig:
     )
     crl: Path | None = option(
         None,
-        "certificate revocation list, re-read when it changes",
+        "certificate revocation list; a revoked client's open connections end too",
         group=CERTIFICATES,
         shown="CERTS_DIR/crl.pem, if present",
     )
