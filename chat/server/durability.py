@@ -49,6 +49,8 @@ class Durability:
         self._appended = trio.Event()
         # At most one job per replay in progress, and replays are bounded by subscriptions.
         self._later_in, self._later = trio.open_memory_channel[Job](float("inf"))
+        # Why the last commit failed, until one succeeds: /healthz reports the history unwritable.
+        self.commit_failure: str | None = None
 
     def appended(self) -> None:
         """A message was appended: the committer has work."""
@@ -121,6 +123,7 @@ class Durability:
             try:
                 await self._lane.run(self.history.commit, batch)
             except StorageUnavailable as exc:
+                self.commit_failure = exc.detail
                 log.error(
                     "history commit failed (%s); receipts wait, retrying",
                     exc.detail,
@@ -128,6 +131,7 @@ class Durability:
                 )
                 await trio.sleep(RETRY_DELAY)
                 continue
+            self.commit_failure = None
             self.history.mark_committed(batch)
             self._release()
             return

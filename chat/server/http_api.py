@@ -8,7 +8,9 @@ meanwhile. Before that, each identity's token requests (both routes, one bucket)
 limit (PROTOCOL.md §12), and a refresh body must be exactly `{"refresh_token": "<string>"}`:
 whatever else arrives is refused with its reason, never a traceback. JWKS is served from the
 signing keys in memory. The admin routes (PROTOCOL.md §12) answer only identities whose
-policy rights say `admin`; what they do is admin.py's.
+policy rights say `admin`; what they do is admin.py's. `/healthz` says `ok` only while the
+server can serve: the last history commit did not fail and the state store answers a read;
+`/readyz` gives the same checks as JSON, for people.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import trio
 
 from chat.protocol.errors import HttpRefusal, InvalidDestination
 from chat.protocol.policy import Policy
@@ -26,9 +30,12 @@ from chat.protocol.wire import BEARER_PREFIX, IDENTITY, STOMP_SUBPROTOCOL, TEXT_
 from chat.server.admin import Admin
 from chat.server.config import ServerConfig
 from chat.server.ratelimit import RateLimiter
-from chat.server.storage import Lane
+from chat.server.storage import Lane, StorageUnavailable
 from chat.store.keys import KeyStore
 from chat.store.state import StateStore
+
+HEALTH_TIMEOUT = 2.0  # a state store that takes longer to answer one read is not serving
+OK = "ok"
 
 UPGRADE_HINT = (
     "This is a STOMP over WebSocket endpoint. Connect with wss:// and an Upgrade: websocket\n"
@@ -66,6 +73,15 @@ class Response:
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Vitals:
+    """What the health routes read from the running server, beyond the state store."""
+
+    history_failure: Callable[[], str | None] = lambda: None  # the last commit's error, if any
+    connections: Callable[[], int] = lambda: 0  # live STOMP connections
+    started: float = field(default_factory=time.time)  # by the server's wall clock
 
 
 class BadRequest(HttpRefusal):
@@ -139,6 +155,7 @@ class HttpApi:
         policy: Callable[[], Policy],
         admin: Admin,
         clock: Callable[[], float] = time.time,
+        vitals: Vitals | None = None,
     ) -> None:
         self._authority = authority
         self._keys = keys
@@ -148,6 +165,7 @@ class HttpApi:
         self._policy = policy
         self._admin = admin
         self._clock = clock
+        self._vitals = vitals or Vitals()
         self._token_requests = RateLimiter(config.token_rate, config.token_burst)
         self._routes: dict[str, dict[str, Handler]] = {
             WS_PATH: {"GET": self._upgrade_required},
@@ -155,6 +173,7 @@ class HttpApi:
             "/auth/refresh": {"POST": self._refresh},
             "/.well-known/jwks.json": {"GET": self._jwks},
             "/healthz": {"GET": self._health},
+            "/readyz": {"GET": self._ready},
             "/auth/me": {"GET": self._me},
             "/admin/publish": {"POST": self._admin_publish},
             "/admin/connections": {"GET": self._admin_connections},
@@ -183,7 +202,39 @@ class HttpApi:
         )
 
     async def _health(self, request: Request, peer: Peer) -> Response:
-        return text_response(200, b"ok")
+        """200 `ok` while the server can serve; else 503 with what fails."""
+        checks = await self._checks()
+        if all(check == OK for check in checks.values()):
+            return text_response(200, OK.encode(), (("Cache-Control", "no-store"),))
+        return json_response(
+            503, {"status": "unavailable", "checks": checks}, (("Cache-Control", "no-store"),)
+        )
+
+    async def _ready(self, request: Request, peer: Peer) -> Response:
+        """The checks of /healthz and a little context, as JSON for people; same status."""
+        checks = await self._checks()
+        healthy = all(check == OK for check in checks.values())
+        detail = {
+            "status": OK if healthy else "unavailable",
+            "checks": checks,
+            "connections": self._vitals.connections(),
+            "uptime_s": round(self._clock() - self._vitals.started, 3),
+        }
+        return json_response(200 if healthy else 503, detail, (("Cache-Control", "no-store"),))
+
+    async def _checks(self) -> dict[str, str]:
+        failure = self._vitals.history_failure()
+        history = OK if failure is None else f"commits failing: {failure}"
+        return {"history": history, "state": await self._state_answers()}
+
+    async def _state_answers(self) -> str:
+        with trio.move_on_after(HEALTH_TIMEOUT):
+            try:
+                await self._state_lane.run(self._state.revocation_version)
+            except StorageUnavailable as exc:
+                return f"failing: {exc.detail}"
+            return OK
+        return f"no answer within {HEALTH_TIMEOUT:g} s"
 
     async def _me(self, request: Request, peer: Peer) -> Response:
         """What the policy in force lets this identity do (PROTOCOL.md §9)."""
