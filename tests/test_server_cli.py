@@ -273,6 +273,7 @@ def test_help_shows_every_option_of_the_config_with_its_default() -> None:
     defaults = {
         "--host": config.host,
         "--port": str(config.port),
+        "--metrics": "off",
         "--certs-dir": "certs",
         "--cert": "CERTS_DIR/server.crt",
         "--key": "CERTS_DIR/server.key",

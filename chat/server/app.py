@@ -17,7 +17,8 @@ revocations against the state store's snapshot, which two background tasks keep 
 polls the revocation counter, one the key directory (each in its own lane, so a locked key
 directory never delays a revocation). A third watches the TLS files (`tls.py`): new
 handshakes get a context built from the files as they are, and the live connections whose
-certificate a new CRL revokes end.
+certificate a new CRL revokes end. With `--metrics`, a plain-HTTP listener serves the
+Prometheus metrics (metrics.py) from the same nursery as those tasks.
 """
 
 from __future__ import annotations
@@ -52,7 +53,16 @@ from chat.server.broker import Broker
 from chat.server.config import ServerConfig
 from chat.server.connection import Connection, Ending, Outbox
 from chat.server.durability import Durability
-from chat.server.http_api import BadRequest, HttpApi, Peer, Request, Response, refusal_response
+from chat.server.http_api import (
+    BadRequest,
+    HttpApi,
+    Peer,
+    Request,
+    Response,
+    Vitals,
+    refusal_response,
+)
+from chat.server.metrics import OK, TLS_FAILED, Metrics, Stats, serve_metrics
 from chat.server.presence import Presence
 from chat.server.refusals import LogRate, refusal_reason
 from chat.server.session import SessionLimits, Shared, StompSession
@@ -158,6 +168,18 @@ class ChatServer:
         self.broker = Broker(self.history, self.durability, clock)
         self.presence = Presence()
         self.connections: set[Connection] = set()
+        self.stats = Stats()
+        self.metrics = (
+            Metrics(
+                self.stats,
+                self.broker,
+                lambda: len(self.connections),
+                {"server": config.cert_path(), "ca": config.ca_path()},
+            )
+            if config.metrics is not None
+            else None
+        )
+        self.metrics_listeners: list[trio.SocketListener] = []
         self.api = HttpApi(
             self.authority,
             self.keys,
@@ -167,6 +189,7 @@ class ChatServer:
             lambda: self.policy.current,
             Admin(self.connections, self.broker),
             clock,
+            Vitals(lambda: self.durability.commit_failure, lambda: len(self.connections), clock()),
         )
         self.identities = IdentitySlots(config.max_connections_per_identity)
         self._refusals = LogRate(REFUSAL_LINES, REFUSAL_WINDOW)
@@ -197,8 +220,26 @@ class ChatServer:
         self._reload_tls.set()
 
     async def listen(self) -> list[trio.SocketListener]:
-        """Bind the port; separate from `run` so a bind error surfaces before any task starts."""
-        return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        """Bind the port (and the metrics port); separate from `run` so a bind error surfaces
+        before any task starts."""
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        try:
+            await self._bind_metrics()
+        except OSError:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        return listeners
+
+    async def _bind_metrics(self) -> None:
+        """Bind the `--metrics` port, once."""
+        if self.config.metrics is None or self.metrics_listeners:
+            return
+        host, port = self.config.metrics
+        try:
+            self.metrics_listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise OSError(exc.errno, f"--metrics {host}:{port}: {exc.strerror}") from exc
 
     async def run(
         self,
@@ -225,6 +266,7 @@ class ChatServer:
                 for listener in bound:
                     acceptors.start_soon(self._accept, listener, handlers)
 
+        await self._bind_metrics()  # before serve() starts the task that serves it
         await self.serve(accept)
 
     async def serve(self, accept: Callable[[trio.Nursery], Awaitable[None]]) -> None:
@@ -242,6 +284,8 @@ class ChatServer:
                     background.start_soon(self.durability.run_later)
                     background.start_soon(self._prune)
                     background.start_soon(self._summarize)
+                    if self.metrics is not None:
+                        background.start_soon(self._serve_metrics, self.metrics)
                     background.start_soon(accept, handlers)
                     await self._stop.wait()
                     background.cancel_scope.cancel()
@@ -250,6 +294,10 @@ class ChatServer:
             # Writes whatever is still pending, marks a clean shutdown.
             await self.history_lane.run_shielded(self.history.close)
             await self.state_lane.run_shielded(self.state.close)
+
+    async def _serve_metrics(self, metrics: Metrics) -> None:
+        await self._bind_metrics()  # `serve` called without `run` (below TLS)
+        await serve_metrics(metrics, self.metrics_listeners)
 
     async def _drain(self, handlers: trio.Nursery) -> None:
         for connection in list(self.connections):
@@ -503,6 +551,7 @@ class ChatServer:
             shed.shed()
 
     async def _serve_tls(self, raw: trio.SocketStream, ticket: Ticket) -> None:
+        stream: trio.SSLStream[trio.SocketStream] | None = None
         try:
             with trio.fail_after(IDLE_TIMEOUT * (1 - IDLE_SPREAD * random.random())):
                 await trio.lowlevel.wait_readable(raw.socket)  # idle, it costs no TLS state
@@ -515,6 +564,8 @@ class ChatServer:
                 await stream.do_handshake()
                 peer = _peer_of(stream, _address(raw))
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            if stream is not None:  # bytes came: a handshake began and failed
+                self.stats.handshake(TLS_FAILED)
             reason = refusal_reason(exc)
             if reason is None:
                 log.debug(
@@ -526,6 +577,7 @@ class ChatServer:
                 self._refused(raw, reason)
             return
         except pki.PkiError as exc:  # no HTTP byte is read from a peer without an identity
+            self.stats.handshake(TLS_FAILED)
             self._refused(raw, exc)
             return
         await self._serve_stream(stream, peer, deadline, ticket)
@@ -570,9 +622,11 @@ class ChatServer:
             list(ws.events())
             self.identities.take(peer.identity)  # last: nothing to give back if refused
         except WsProtocolError as exc:
+            self.stats.handshake(BadHandshake.code)
             await _respond(stream, http, refusal_response(BadHandshake(str(exc))))
             return
         except HttpRefusal as refusal:
+            self.stats.handshake(refusal.code)
             log.info(
                 "refused upgrade from %s: %s",
                 peer.identity,
@@ -588,6 +642,7 @@ class ChatServer:
             )
             await _respond(stream, http, refusal_response(refusal))
             return
+        self.stats.handshake(OK)
         try:
             await self._run_connection(stream, ws, upgrade, peer, http.trailing_data[0])
         finally:
@@ -596,7 +651,8 @@ class ChatServer:
     async def _run_connection(
         self, stream: trio.abc.Stream, ws: WSConnection, upgrade: Upgrade, peer: Peer, data: bytes
     ) -> None:
-        outbox = Outbox(self.config.outbound_buffer_bytes)
+        latency = None if self.metrics is None else self.metrics.latency.observe
+        outbox = Outbox(self.config.outbound_buffer_bytes, latency)
         session = StompSession(outbox, upgrade.claims, self._shared)
         connection = Connection(
             stream,
@@ -629,6 +685,8 @@ class ChatServer:
             await connection.run(data)
         finally:
             self.connections.discard(connection)
+            if outbox.overflowed.is_set():
+                self.stats.evictions += 1
 
 
 async def serve(

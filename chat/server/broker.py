@@ -7,7 +7,9 @@ committed (at once for a memory history) it is encoded once and delivered. A STO
 `MESSAGE\\n` + `subscription:ID\\n` + the common tail, and the finished WebSocket frame is
 cached per distinct subscription id for the duration of one delivery (clients tend to reuse
 the same few ids, so most recipients share one bytes object). Each recipient's `Outbox`
-only appends those bytes: a publisher never waits on a subscriber.
+only appends those bytes: a publisher never waits on a subscriber. For the metrics the
+broker adds to two plain ints (one addition per publish, not per recipient) and hands each
+publish's first recipient, with the time the SEND was handled, to `sample` (metrics.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class Outbox(Protocol):
     """A connection's outbound side, as far as fan-out is concerned."""
 
     def push(self, data: bytes) -> None: ...
+
+
+Sample = Callable[[Outbox, float], None]  # a recipient, and when its message was handled
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,9 @@ class Broker:
         self.history = history
         self.durability = durability
         self._clock = clock  # the wall clock of MESSAGE timestamps
+        self.published = 0  # messages stored (a direct message: one per inbox copy)
+        self.delivered = 0  # MESSAGE frames handed to subscribers' outboxes
+        self.sample: Sample | None = None  # times publish-to-write for one recipient
 
     def subscribe(self, route: Route, subscription: Subscription) -> None:
         self._tries[route.space].add(route.pattern, subscription)
@@ -108,14 +116,17 @@ class Broker:
             int(self._clock() * 1000),
         )
         self.durability.appended()
+        self.published += 1
+        handled = time.perf_counter()
         # Visible once durable: nobody may see an offset a crash could give to another message.
-        self.durability.after(stored.seq, lambda: self._deliver(stored, message.route))
+        self.durability.after(stored.seq, lambda: self._deliver(stored, message.route, handled))
         return stored
 
-    def _deliver(self, stored: Stored, route: Route) -> None:
+    def _deliver(self, stored: Stored, route: Route, handled: float) -> None:
         recipients = self._tries[route.space].match(route.pattern)
         if not recipients:
             return
+        self.delivered += len(recipients)
         tail = message_tail(stored)
         frames: dict[str, bytes] = {}
         for sub in recipients:
@@ -123,6 +134,8 @@ class Broker:
             if frame is None:
                 frame = frames[sub.id] = message_frame(sub.id, tail)
             sub.outbox.push(frame)
+        if self.sample is not None:
+            self.sample(recipients[0].outbox, handled)
 
 
 def message_frame(subscription_id: str, tail: bytes) -> bytes:

@@ -85,6 +85,17 @@ def parse_heartbeat(text: str) -> tuple[int, int]:
     return send, receive
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """`--metrics HOST:PORT` (an IPv6 host in brackets); ValueError says what is wrong."""
+    host, colon, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:9100, not {text!r}")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port must be 0 to 65535, not {port}")
+    return host, int(port)
+
+
 def _jwks_source(path: str, issuer: str) -> tuple[Path, str]:
     return Path(path), issuer
 
@@ -95,6 +106,15 @@ class ServerConfig:
 
     host: str = option("127.0.0.1", "address to listen on", group=LISTENER)
     port: int = option(DEFAULT_PORT, "TCP port (0: any free port)", group=LISTENER)
+    metrics: tuple[str, int] | None = option(
+        None,
+        "serve GET /metrics (Prometheus text format) in plain HTTP on HOST:PORT; keep it "
+        "on a private address",
+        group=LISTENER,
+        metavar="HOST:PORT",
+        parse=parse_address,
+        shown="off",
+    )
     certs_dir: Path = option(
         Path("certs"),
         "folder with server.crt, server.key, ca.crt, crl.pem (re-read when they change, and on "

@@ -22,6 +22,8 @@ peer is bounded.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -70,14 +72,21 @@ class CertificateRevoked(PolicyViolation):
 
 
 class Outbox:
-    """A bounded (in bytes) outbound buffer; `push` never blocks, overflow is flagged."""
+    """A bounded (in bytes) outbound buffer; `push` never blocks, overflow is flagged.
 
-    def __init__(self, limit: int) -> None:
+    `latency`, when given, receives the seconds from a stamped message's SEND being handled
+    to the end of the `send_all` that wrote it (the delivery latency metric).
+    """
+
+    def __init__(self, limit: int, latency: Callable[[float], None] | None = None) -> None:
         self._buffer = bytearray()
         self._limit = limit
         self._ready = trio.Event()
         self.overflowed = trio.Event()
         self._closed = False
+        self._latency = latency
+        self._stamp: float | None = None  # when the oldest stamped message pending was handled
+        self._taken: float | None = None  # the same, for the bytes the writer is sending
 
     @property
     def limit(self) -> int:
@@ -99,13 +108,25 @@ class Outbox:
             self.overflowed.set()
         self._ready.set()
 
+    def stamp(self, handled: float) -> None:
+        """Time the write of what is pending now from `handled` (`time.perf_counter()`)."""
+        if self._stamp is None:
+            self._stamp = handled
+
     async def take(self) -> bytearray:
         """Wait for pending bytes and take all of them; empty once closed and drained."""
         if not self._buffer and not self._closed:
             await self._ready.wait()
         self._ready = trio.Event()
         data, self._buffer = self._buffer, bytearray()
+        self._taken, self._stamp = self._stamp, None
         return data
+
+    def sent(self) -> None:
+        """The writer wrote what it took: a stamped message's latency is known."""
+        if self._taken is not None and self._latency is not None:
+            self._latency(time.perf_counter() - self._taken)
+        self._taken = None
 
     def close(self) -> None:
         """No more pushes: the writer flushes what is pending, then stops."""
@@ -305,6 +326,7 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.end(Ending(CloseCode.PROTOCOL_ERROR, "peer vanished"))
                 return
+            self._outbox.sent()
             self._protocol.data_sent(trio.current_time())
             self._refill()
 
