@@ -201,7 +201,16 @@ async def test_port_in_use(server: RunningServer, pki: TestPki, tmp_path: Path) 
             str(tmp_path / "state"),
         )
     )
-    assert f"cannot listen on 127.0.0.1:{server.port}" in one_line_error(result)
+    assert f"cannot listen on 127.0.0.1:{server.port}: " in one_line_error(result)
+
+
+async def test_metrics_port_in_use(server: RunningServer, pki: TestPki, tmp_path: Path) -> None:
+    taken = f"127.0.0.1:{server.port}"
+    args = ("--port", "0", "--metrics", taken, "--certs-dir", str(pki.dir))
+    result = await trio.to_thread.run_sync(
+        lambda: run(*args, "--state-dir", str(tmp_path / "state"))
+    )
+    assert f"cannot listen on {taken} (--metrics): " in one_line_error(result)
 
 
 def test_inconsistent_limits_are_refused(tmp_path: Path, pki: TestPki) -> None:

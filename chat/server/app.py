@@ -222,7 +222,7 @@ class ChatServer:
     async def listen(self) -> list[trio.SocketListener]:
         """Bind the port (and the metrics port); separate from `run` so a bind error surfaces
         before any task starts."""
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        listeners = await _bound(self.config.host, self.config.port, "")
         try:
             await self._bind_metrics()
         except OSError:
@@ -236,10 +236,7 @@ class ChatServer:
         if self.config.metrics is None or self.metrics_listeners:
             return
         host, port = self.config.metrics
-        try:
-            self.metrics_listeners = await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise OSError(exc.errno, f"--metrics {host}:{port}: {exc.strerror}") from exc
+        self.metrics_listeners = await _bound(host, port, " (--metrics)")
 
     async def run(
         self,
@@ -694,6 +691,14 @@ async def serve(
 ) -> None:
     """Run a server until cancelled; `task_status.started(port)` once it listens."""
     await ChatServer(config).run(task_status=task_status)
+
+
+async def _bound(host: str, port: int, what: str) -> list[trio.SocketListener]:
+    """Listeners on host:port; an OSError whose text names the address (and `what`)."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{host}:{port}{what}: {exc.strerror or exc}") from exc
 
 
 def _open_history(config: ServerConfig) -> History:

@@ -201,9 +201,8 @@ async def _serve(config: ServerConfig) -> None:
     server = ChatServer(config)
     try:
         listeners = await server.listen()
-    except OSError as exc:
-        where = f"{config.host}:{config.port}"
-        raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # its text names the address
+        raise UsageError(f"cannot listen on {exc.strerror or exc}") from exc
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run, listeners)
         _print_hint(config, port)
