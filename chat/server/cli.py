@@ -52,8 +52,8 @@ DESCRIPTION = """\
 Secure chat server: STOMP 1.2 over WebSocket over mutual TLS, one port. Routes:
 wss://HOST:PORT/ws (STOMP; offer subprotocols v12.stomp and bearer.<token>),
 POST /auth/token, POST /auth/refresh, GET /auth/me, GET /.well-known/jwks.json, GET /healthz,
-and for admins (the policy's admin = true) POST /admin/publish, GET /admin/connections,
-POST /admin/disconnect.
+GET /readyz, and for admins (the policy's admin = true) POST /admin/publish,
+GET /admin/connections, POST /admin/disconnect; with --metrics, Prometheus metrics there.
 With no certificate options it uses CERTS_DIR and creates development certificates
 there if none exist. Serving is the default command: the options below need no 'serve'.
 """
