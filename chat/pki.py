@@ -35,6 +35,13 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from chat.protocol.wire import IDENTITY
 from chat.store.files import write_atomic
@@ -429,6 +436,7 @@ class ServerTls:
 
     context: ssl.SSLContext
     revoked: frozenset[int]
+    trusted: Store  # the CA bundle, for client certificates checked outside TLS (behind a proxy)
 
 
 def server_tls(
@@ -446,14 +454,38 @@ def server_tls(
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     ca_cert = _trust(ctx, Path(ca))
+    trusted = Store(x509.load_pem_x509_certificates(_read(Path(ca))))
     _present(ctx, Path(cert), Path(key), passphrase)
     if crl is None or not Path(crl).exists():
-        return ServerTls(ctx, frozenset())
+        return ServerTls(ctx, frozenset(), trusted)
     revoked = revoked_serials(load_crl(Path(crl), ca_cert))
     with _openssl_refusal(Path(crl)):
         ctx.load_verify_locations(cafile=str(crl))
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    return ServerTls(ctx, revoked)
+    return ServerTls(ctx, revoked, trusted)
+
+
+def verify_client(cert: x509.Certificate, tls: ServerTls, now: datetime) -> None:
+    """What the TLS handshake checks of a client certificate, for one that arrived some other
+    way (a proxy's header): it chains to the CA bundle, is valid at `now`, is for clientAuth
+    and is not revoked. Otherwise a PkiError saying which. Our client certificates carry no
+    SAN, which the web PKI profile of `cryptography` demands by default: here it may be absent."""
+    end_entity = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+    )
+    verifier = (
+        PolicyBuilder()
+        .store(tls.trusted)
+        .time(now)
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=end_entity)
+        .build_client_verifier()
+    )
+    try:
+        verifier.verify(cert, [])
+    except VerificationError as exc:
+        raise PkiError(f"client certificate refused: {ascii(str(exc))}") from None
+    if cert.serial_number in tls.revoked:
+        raise PkiError(f"client certificate {cert.serial_number:x} is revoked by the CRL")
 
 
 def server_ssl_context(

@@ -283,6 +283,8 @@ def test_help_shows_every_option_of_the_config_with_its_default() -> None:
         "--host": config.host,
         "--port": str(config.port),
         "--metrics": "off",
+        "--proxy-listen": "off",
+        "--trusted-proxy": "127.0.0.1/32,::1/128",
         "--certs-dir": "certs",
         "--cert": "CERTS_DIR/server.crt",
         "--key": "CERTS_DIR/server.key",

@@ -18,7 +18,9 @@ polls the revocation counter, one the key directory (each in its own lane, so a 
 directory never delays a revocation). A third watches the TLS files (`tls.py`): new
 handshakes get a context built from the files as they are, and the live connections whose
 certificate a new CRL revokes end. With `--metrics`, a plain-HTTP listener serves the
-Prometheus metrics (metrics.py) from the same nursery as those tasks.
+Prometheus metrics (metrics.py) from the same nursery as those tasks. With `--proxy-listen`,
+a plain-HTTP listener serves what the TLS listener does, for a TLS-terminating proxy: there
+the `Peer` comes from the request's forwarded certificate (proxy.py) instead of a handshake.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from chat.server.http_api import (
 )
 from chat.server.metrics import OK, TLS_FAILED, Metrics, Stats, serve_metrics
 from chat.server.presence import Presence
+from chat.server.proxy import ProxyGate
 from chat.server.refusals import LogRate, refusal_reason
 from chat.server.session import SessionLimits, Shared, StompSession
 from chat.server.storage import Lane, StorageUnavailable
@@ -76,6 +79,8 @@ from chat.store.state import StateStore
 log = logging.getLogger("chat.server")
 
 TlsStream: TypeAlias = trio.SSLStream[trio.SocketStream]  # what the accept loop hands on
+Identify: TypeAlias = Callable[[Request], Peer]  # who sent a request; raises an HttpRefusal
+Serve: TypeAlias = Callable[[trio.SocketStream, "Ticket"], Awaitable[None]]
 
 MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a bearer token fits easily
 MAX_REQUEST_BODY = 16 * 1024  # token endpoints take tiny JSON bodies
@@ -147,6 +152,7 @@ class ChatServer:
             self.file_limit.connections, config.max_handshakes
         )
         self.tls = TlsContexts(config)
+        self.proxy = ProxyGate(config.trusted_proxy, self.tls, clock)
         self.keys = KeyStore.open(config.state_dir / "keys")
         trusted = [TrustedIssuer.from_jwks_file(path, iss) for path, iss in config.trusted_jwks]
         self.authority = TokenAuthority(
@@ -180,6 +186,7 @@ class ChatServer:
             else None
         )
         self.metrics_listeners: list[trio.SocketListener] = []
+        self.proxy_listeners: list[trio.SocketListener] = []
         self.api = HttpApi(
             self.authority,
             self.keys,
@@ -220,23 +227,24 @@ class ChatServer:
         self._reload_tls.set()
 
     async def listen(self) -> list[trio.SocketListener]:
-        """Bind the port (and the metrics port); separate from `run` so a bind error surfaces
-        before any task starts."""
+        """Bind the port (and the metrics and proxy ports); separate from `run` so a bind
+        error surfaces before any task starts."""
         listeners = await _bound(self.config.host, self.config.port, "")
         try:
-            await self._bind_metrics()
+            await self._bind_plain()
         except OSError:
             for listener in listeners:
                 await listener.aclose()
             raise
         return listeners
 
-    async def _bind_metrics(self) -> None:
-        """Bind the `--metrics` port, once."""
-        if self.config.metrics is None or self.metrics_listeners:
-            return
-        host, port = self.config.metrics
-        self.metrics_listeners = await _bound(host, port, " (--metrics)")
+    async def _bind_plain(self) -> None:
+        """Bind the `--metrics` and `--proxy-listen` ports, once each."""
+        if self.config.metrics is not None and not self.metrics_listeners:
+            self.metrics_listeners = await _bound(*self.config.metrics, " (--metrics)")
+        if self.config.proxy_listen is not None and not self.proxy_listeners:
+            host, port = self.config.proxy_listen
+            self.proxy_listeners = await _bound(host, port, " (--proxy-listen)")
 
     async def run(
         self,
@@ -258,13 +266,26 @@ class ChatServer:
                 extra={"event": "listening", "host": self.config.host, "port": port},
             )
             self.file_limit.report(self.config.max_connections)
+            self._log_proxy_listening()
             task_status.started(port)
             async with trio.open_nursery() as acceptors:
                 for listener in bound:
-                    acceptors.start_soon(self._accept, listener, handlers)
+                    acceptors.start_soon(self._accept, listener, handlers, self._serve_tls)
+                for listener in self.proxy_listeners:
+                    acceptors.start_soon(self._accept, listener, handlers, self._serve_proxied)
 
-        await self._bind_metrics()  # before serve() starts the task that serves it
+        await self._bind_plain()  # before serve() starts the task that serves metrics
         await self.serve(accept)
+
+    def _log_proxy_listening(self) -> None:
+        for listener in self.proxy_listeners:
+            host, port, *_ = listener.socket.getsockname()
+            log.info(
+                "listening for a TLS-terminating proxy on http://%s:%d",
+                host,
+                port,
+                extra={"event": "proxy_listening", "host": host, "port": port},
+            )
 
     async def serve(self, accept: Callable[[trio.Nursery], Awaitable[None]]) -> None:
         """Run the shared tasks (group commit, revocation and key polls, pruning) and `accept`,
@@ -293,7 +314,7 @@ class ChatServer:
             await self.state_lane.run_shielded(self.state.close)
 
     async def _serve_metrics(self, metrics: Metrics) -> None:
-        await self._bind_metrics()  # `serve` called without `run` (below TLS)
+        await self._bind_plain()  # `serve` called without `run` (below TLS)
         await serve_metrics(metrics, self.metrics_listeners)
 
     async def _drain(self, handlers: trio.Nursery) -> None:
@@ -452,20 +473,22 @@ class ChatServer:
                 )
                 shed, refused = self.admission.shed_total, self.admission.refused_total
 
-    def _refused(self, raw: trio.SocketStream, reason: object) -> None:
+    def _refused(self, address: str, reason: object) -> None:
         if self._refusals.allow(trio.current_time()):
             log.info(
                 "refused %s: %s",
-                _address(raw),
+                address,
                 reason,
-                extra={"event": "handshake_refused", "peer": _address(raw), "reason": str(reason)},
+                extra={"event": "handshake_refused", "peer": address, "reason": str(reason)},
             )
 
     def _is_revoked(self, claims: Claims) -> bool:
         """From the revocation snapshot: the event loop never reads the database."""
         return self.state.revocations.is_revoked(claims)
 
-    async def _accept(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+    async def _accept(
+        self, listener: trio.SocketListener, handlers: trio.Nursery, serve: Serve
+    ) -> None:
         """Accept in batches of ACCEPT_BATCH per wake-up rather than one per scheduler pass
         (trio's `serve_listeners`): after a wave of connections the kernel's accept queue
         (somaxconn long, then SYNs are dropped and retried a second later) empties about
@@ -477,7 +500,8 @@ class ChatServer:
                     await trio.lowlevel.wait_readable(sock)
                     try:
                         for conn in _accept_batch(sock):
-                            self._arrive_socket(trio.socket.from_stdlib_socket(conn), handlers)
+                            accepted = trio.socket.from_stdlib_socket(conn)
+                            self._arrive_socket(accepted, handlers, serve)
                     except OSError as exc:  # out of files or memory: FILE_RESERVE was not enough
                         log.error(
                             "cannot accept connections: %s",
@@ -486,7 +510,9 @@ class ChatServer:
                         )
                         await trio.sleep(ACCEPT_PAUSE)
 
-    def _arrive_socket(self, sock: trio.socket.SocketType, handlers: trio.Nursery) -> None:
+    def _arrive_socket(
+        self, sock: trio.socket.SocketType, handlers: trio.Nursery, serve: Serve
+    ) -> None:
         """Admit (or close) a socket as it is accepted, so that the files held never exceed
         the bound even while the handlers of a whole batch have yet to run."""
         ticket = Ticket(sock.close)
@@ -499,7 +525,7 @@ class ChatServer:
             sock.close()
             return
         raw = trio.SocketStream(sock)
-        handlers.start_soon(self._admitted, raw, partial(self._serve_tls, raw), ticket)
+        handlers.start_soon(self._admitted, raw, partial(serve, raw), ticket)
 
     def _arrive(self, ticket: Ticket) -> bool:
         arrival = self.admission.arrive(ticket)
@@ -517,7 +543,7 @@ class ChatServer:
 
         async def serve(ticket: Ticket) -> None:
             self._start(ticket)  # the stream is open: its request head is under way
-            await self._serve_stream(stream, peer, head_deadline, ticket)
+            await self._serve_stream(stream, _known(peer), head_deadline, ticket)
 
         ticket = Ticket()
         if self._arrive(ticket):
@@ -571,18 +597,24 @@ class ChatServer:
                     extra={"event": "handshake_failed", "peer": _address(raw), "error": repr(exc)},
                 )
             else:
-                self._refused(raw, reason)
+                self._refused(_address(raw), reason)
             return
         except pki.PkiError as exc:  # no HTTP byte is read from a peer without an identity
             self.stats.handshake(TLS_FAILED)
-            self._refused(raw, exc)
+            self._refused(_address(raw), exc)
             return
-        await self._serve_stream(stream, peer, deadline, ticket)
+        await self._serve_stream(stream, _known(peer), deadline, ticket)
+
+    async def _serve_proxied(self, raw: trio.SocketStream, ticket: Ticket) -> None:
+        """A connection to `--proxy-listen`: plain HTTP from the proxy, the client's
+        certificate in a header (proxy.py); the rest as on the TLS listener."""
+        self._start(ticket)
+        await self._serve_stream(raw, partial(self.proxy.identify, _address(raw)), None, ticket)
 
     async def _serve_stream(
         self,
         stream: trio.abc.Stream,
-        peer: Peer,
+        identify: Identify,
         head_deadline: float | None,
         ticket: Ticket,
     ) -> None:
@@ -601,6 +633,13 @@ class ChatServer:
             await _respond(stream, http, refusal_response(_as_refusal(exc)))
             return
         self.admission.opened(ticket)
+        try:
+            peer = identify(request)
+        except HttpRefusal as refusal:
+            self.stats.handshake(refusal.code)
+            self._refused("a proxied request", f"{refusal.code}: {refusal.detail}")
+            await _respond(stream, http, refusal_response(refusal))
+            return
         if request.path == WS_PATH and is_upgrade(request):
             await self._upgrade(stream, http, request, peer)
         else:
@@ -712,6 +751,11 @@ def _open_history(config: ServerConfig) -> History:
     if config.history == "memory":
         return History.memory(retention)
     return History.open_sqlite(config.state_dir / "history.db", retention)
+
+
+def _known(peer: Peer) -> Identify:
+    """The identity a TLS handshake established: no request header can change it."""
+    return lambda _request: peer
 
 
 def _peer_of(stream: TlsStream, address: str) -> Peer:

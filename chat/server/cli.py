@@ -53,7 +53,8 @@ Secure chat server: STOMP 1.2 over WebSocket over mutual TLS, one port. Routes:
 wss://HOST:PORT/ws (STOMP; offer subprotocols v12.stomp and bearer.<token>),
 POST /auth/token, POST /auth/refresh, GET /auth/me, GET /.well-known/jwks.json, GET /healthz,
 GET /readyz, and for admins (the policy's admin = true) POST /admin/publish,
-GET /admin/connections, POST /admin/disconnect; with --metrics, Prometheus metrics there.
+GET /admin/connections, POST /admin/disconnect; with --metrics, Prometheus metrics there;
+with --proxy-listen, the same routes in plain HTTP for a TLS-terminating proxy (e.g. nginx).
 With no certificate options it uses CERTS_DIR and creates development certificates
 there if none exist. Serving is the default command: the options below need no 'serve'.
 """

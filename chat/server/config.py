@@ -7,6 +7,7 @@ Fields without one are bounds the command line does not offer.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,17 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """`--trusted-proxy CIDR[,CIDR]`; ValueError says what is wrong."""
+    try:
+        return tuple(ipaddress.ip_network(part.strip()) for part in text.split(","))
+    except ValueError as exc:
+        raise ValueError(f"expected CIDR[,CIDR], e.g. 127.0.0.1/32,10.0.0.0/8: {exc}") from None
+
+
 def _jwks_source(path: str, issuer: str) -> tuple[Path, str]:
     return Path(path), issuer
 
@@ -114,6 +126,24 @@ class ServerConfig:
         metavar="HOST:PORT",
         parse=parse_address,
         shown="off",
+    )
+    proxy_listen: tuple[str, int] | None = option(
+        None,
+        "also serve the same routes in plain HTTP on HOST:PORT behind a TLS-terminating "
+        "proxy, which forwards the client certificate in X-SSL-Client-Cert (verified here); "
+        "only --trusted-proxy addresses may connect",
+        group=LISTENER,
+        metavar="HOST:PORT",
+        parse=parse_address,
+        shown="off",
+    )
+    trusted_proxy: tuple[Network, ...] = option(
+        (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
+        "addresses that may connect to --proxy-listen (others: 403 untrusted_proxy)",
+        group=LISTENER,
+        metavar="CIDR[,CIDR]",
+        parse=parse_networks,
+        shown="127.0.0.1/32,::1/128",
     )
     certs_dir: Path = option(
         Path("certs"),

@@ -11,7 +11,10 @@ context in force and remembers the stamps, so each broken version is reported on
 from __future__ import annotations
 
 import ssl
+from datetime import datetime
 from pathlib import Path
+
+from cryptography import x509
 
 from chat import pki
 from chat.server.config import ServerConfig
@@ -30,6 +33,11 @@ class TlsContexts:
     def current(self) -> ssl.SSLContext:
         """The context for a new handshake."""
         return self._tls.context
+
+    def verify_client(self, cert: x509.Certificate, now: datetime) -> None:
+        """Check a client certificate that came without a handshake (from a proxy) against
+        the CA bundle and CRL in force, so a reload applies to it too; PkiError if refused."""
+        pki.verify_client(cert, self._tls, now)
 
     def changed(self) -> bool:
         """Whether a file differs from the version last loaded (or tried). Blocking."""
