@@ -221,3 +221,16 @@ def test_trusted_proxy_needs_cidrs() -> None:
     assert parse_networks("127.0.0.1/32, ::1/128")[1].version == 6
     with pytest.raises(ValueError, match="expected CIDR"):
         parse_networks("10.0.0.0/33")
+
+
+def test_a_crl_reload_applies_to_forwarded_certificates(pki: TestPki, tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    shutil.copytree(pki.dir, certs)
+    tls = TlsContexts(ServerConfig(certs_dir=certs))
+    gate = ProxyGate(LOOPBACK, tls, lambda: NOW.timestamp())
+    alice = request_with(escaped(certs / "alice.crt"))
+    assert gate.identify("127.0.0.1:4000", alice).identity == "alice"
+    pki_module.revoke(certs, "alice")
+    tls.reload()
+    with pytest.raises(HttpRefusal, match="revoked"):
+        gate.identify("127.0.0.1:4000", alice)
