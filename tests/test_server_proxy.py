@@ -3,6 +3,7 @@ the server itself; only trusted proxies may connect; the TLS listener ignores th
 
 from __future__ import annotations
 
+import logging
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -197,11 +198,14 @@ async def test_the_proxy_listener_refuses_a_missing_or_foreign_certificate(
 
 
 async def test_an_untrusted_source_gets_403_untrusted_proxy(
-    start_server: StartServer, pki: TestPki
+    start_server: StartServer, pki: TestPki, caplog: pytest.LogCaptureFixture
 ) -> None:
     server, port = await start_proxied(start_server, trusted_proxy=parse_networks("10.0.0.0/8"))
-    reply = await proxied(port, "GET", "/healthz", escaped(pki.client("alice")[0]))
+    with caplog.at_level(logging.INFO, logger="chat.server"):
+        reply = await proxied(port, "GET", "/healthz", escaped(pki.client("alice")[0]))
     assert (reply.status, reply.json()["error"]) == (403, "untrusted_proxy")
+    (line,) = [r for r in caplog.records if getattr(r, "event", None) == "handshake_refused"]
+    assert line.peer.startswith("127.0.0.1:") and "untrusted_proxy" in line.reason  # type: ignore[attr-defined]
     await server.stop()
 
 

@@ -608,8 +608,17 @@ class ChatServer:
     async def _serve_proxied(self, raw: trio.SocketStream, ticket: Ticket) -> None:
         """A connection to `--proxy-listen`: plain HTTP from the proxy, the client's
         certificate in a header (proxy.py); the rest as on the TLS listener."""
+        address = _address(raw)
+
+        def identify(request: Request) -> Peer:
+            try:
+                return self.proxy.identify(address, request)
+            except HttpRefusal as refusal:
+                self._refused(address, f"{refusal.code}: {refusal.detail}")
+                raise
+
         self._start(ticket)
-        await self._serve_stream(raw, partial(self.proxy.identify, _address(raw)), None, ticket)
+        await self._serve_stream(raw, identify, None, ticket)
 
     async def _serve_stream(
         self,
@@ -637,7 +646,6 @@ class ChatServer:
             peer = identify(request)
         except HttpRefusal as refusal:
             self.stats.handshake(refusal.code)
-            self._refused("a proxied request", f"{refusal.code}: {refusal.detail}")
             await _respond(stream, http, refusal_response(refusal))
             return
         if request.path == WS_PATH and is_upgrade(request):
