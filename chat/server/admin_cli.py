@@ -91,7 +91,8 @@ async def _ask(
     except (UnicodeDecodeError, json.JSONDecodeError):
         answer = None
     if status != 200:
-        raise refusal(status, answer if isinstance(answer, dict) else {})
+        refused = refusal(status, answer if isinstance(answer, dict) else {})
+        raise UsageError(f"{method} {path} refused: HTTP {status} {refused.code}: {refused.detail}")
     if answer is None:
         raise UsageError(f"{url} answered {path} without JSON")
     return answer
