@@ -411,8 +411,10 @@ class StompSession:
             destination, wildcards = event.destination, True
         else:
             return ()
-        try:
-            route = parse_route(destination, wildcards=wildcards)
+        try:  # a SEND's route is the one _send() looks up next: the same cache
+            route = (
+                parse_route(destination, wildcards=True) if wildcards else _send_route(destination)
+            )
         except InvalidDestination:
             return ()  # handle() says why
         if not wildcards:
